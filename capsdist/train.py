@@ -8,6 +8,7 @@ and, on SLURM preemption, hpc_ckpt_N.ckpt, which Lightning resumes from automati
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import time
 from pathlib import Path
@@ -218,11 +219,26 @@ class CapsCLI(LightningCLI):
                     monitor="val/error",
                     mode="min",
                     save_last=True,
+                    enable_version_counter=False,
                 )
             )
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Print the run's outcome as one JSON line: final validation metrics and where the checkpoints are."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        checkpoint = trainer.checkpoint_callback
+        summary = {
+            "global_step": trainer.global_step,
+            **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+            "best_checkpoint": getattr(checkpoint, "best_model_path", None),
+            "last_checkpoint": getattr(checkpoint, "last_model_path", None),
+        }
+        print(json.dumps(summary))
 
 
 def main(args: list[str] | None = None) -> None:
