@@ -1,0 +1,154 @@
+"""CapsNet of Sabour, Frosst & Hinton 2017, configurable so the same class scales to large capsule models.
+
+Pure torch: Conv1 -> PrimaryCaps -> one or more routed capsule layers -> (optional) masked decoder.
+The paper's MNIST model is `CapsNet()`: 8,215,568 parameters, 6,804,224 without the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from capsdist.routing import dynamic_routing, squash
+
+
+class CapsOutput(NamedTuple):
+    """What CapsNet returns: the class capsules, their lengths and the reconstructions (or None)."""
+
+    caps: torch.Tensor  # [B, n_classes, d]
+    lengths: torch.Tensor  # [B, n_classes], float32
+    recon: torch.Tensor | None  # [B, K, C, H, W]
+
+
+def conv_out(size: int, kernel: int, stride: int = 1) -> int:
+    """Spatial size after an unpadded convolution."""
+    out = (size - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"a {kernel}x{kernel} stride-{stride} convolution does not fit a {size}x{size} input")
+    return out
+
+
+class PrimaryCaps(nn.Module):
+    """A convolution whose output channels are grouped into `channels` maps of `dim`-D capsules, squashed."""
+
+    def __init__(self, in_channels: int, channels: int, dim: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.channels, self.dim = channels, dim
+        self.conv = nn.Conv2d(in_channels, channels * dim, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> capsules [B, channels*H'*W', dim] (ordered channel-major)."""
+        y = self.conv(x)
+        batch, _, h, w = y.shape
+        y = y.view(batch, self.channels, self.dim, h * w).transpose(2, 3)
+        return squash(y.reshape(batch, self.channels * h * w, self.dim))
+
+
+class CapsLayer(nn.Module):
+    """A routed capsule layer: a separate W_ij (d_out x d_in) per (input i, output j) pair, no bias."""
+
+    def __init__(self, n_in: int, d_in: int, n_out: int, d_out: int, iterations: int = 3, detach: bool = False) -> None:
+        super().__init__()
+        self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
+        self.iterations, self.detach = iterations, detach
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * 0.01)
+
+    def priors(self, u: torch.Tensor) -> torch.Tensor:
+        """Prediction vectors u_hat_j|i = W_ij u_i: [B, n_in, d_in] -> [B, n_in, n_out, d_out].
+
+        One batched matmul over the input capsules; W is never broadcast over the batch.
+        """
+        w = self.weight.view(self.n_in, self.n_out * self.d_out, self.d_in).transpose(1, 2)
+        u_hat = torch.bmm(u.transpose(0, 1).to(w.dtype), w)  # [n_in, B, n_out*d_out]
+        return u_hat.view(self.n_in, -1, self.n_out, self.d_out).transpose(0, 1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
+        return dynamic_routing(self.priors(u), self.iterations, self.detach)
+
+
+class Decoder(nn.Module):
+    """FC decoder from the masked class capsules to an image: 512 -> 1024 -> C*H*W sigmoid in the paper."""
+
+    def __init__(self, n_caps: int, dim: int, hidden: Sequence[int], out_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.out_shape = out_shape
+        widths = [n_caps * dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(widths[-1], out_shape[0] * out_shape[1] * out_shape[2]), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, caps: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Reconstruct one image per selected capsule: caps [B, n, d], select [B, K] -> [B, K, C, H, W].
+
+        Each reconstruction sees only its own capsule (all others zeroed), as in the paper.
+        """
+        batch, n, d = caps.shape
+        k = select.shape[1]
+        mask = torch.zeros(batch, k, n, 1, device=caps.device, dtype=caps.dtype)
+        mask.scatter_(2, select.view(batch, k, 1, 1), 1.0)
+        masked = (caps.unsqueeze(1) * mask).view(batch * k, n * d)
+        return self.net(masked).view(batch, k, *self.out_shape)
+
+
+class CapsNet(nn.Module):
+    """Conv1 -> PrimaryCaps -> routed capsule layers -> class capsules (+ masked decoder).
+
+    `caps_layers` lists (count, dim) of each routed layer after PrimaryCaps; the last count is the number of
+    classes. Defaults are the paper's MNIST model; image_size=36 gives the MultiMNIST model (3,200 primaries).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        conv_channels: int = 256,
+        conv_kernel: int = 9,
+        primary_channels: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        caps_layers: Sequence[tuple[int, int]] | None = None,
+        routing_iterations: int = 3,
+        detach_routing: bool = False,
+        decoder_hidden: Sequence[int] = (512, 1024),
+        reconstruction: bool = True,
+    ) -> None:
+        super().__init__()
+        layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
+        if layers[-1][0] != num_classes:
+            raise ValueError(
+                f"the last capsule layer has {layers[-1][0]} capsules but num_classes is {num_classes}: "
+                "set caps_layers[-1] to (num_classes, dim)"
+            )
+        grid = conv_out(conv_out(image_size, conv_kernel), primary_kernel, primary_stride)
+        self.num_primary = primary_channels * grid * grid
+        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
+        self.primary = PrimaryCaps(conv_channels, primary_channels, primary_dim, primary_kernel, primary_stride)
+        dims = [(self.num_primary, primary_dim), *layers]
+        self.caps = nn.ModuleList(
+            CapsLayer(n_in, d_in, n_out, d_out, routing_iterations, detach_routing)
+            for (n_in, d_in), (n_out, d_out) in zip(dims[:-1], dims[1:], strict=True)
+        )
+        out_dim = layers[-1][1]
+        shape = (in_channels, image_size, image_size)
+        self.decoder = Decoder(num_classes, out_dim, decoder_hidden, shape) if reconstruction else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, k: int = 1) -> CapsOutput:
+        """Class capsules for images x [B, C, H, W]; reconstructions masked by `labels` [B, K] when given
+        (training), else by the k longest capsules (test)."""
+        u = self.primary(torch.relu(self.conv1(x)))
+        for layer in self.caps:
+            u = layer(u)
+        lengths = u.float().pow(2).sum(-1).add(1e-12).sqrt()
+        recon = None
+        if self.decoder is not None:
+            select = labels if labels is not None else lengths.topk(k, dim=1).indices
+            recon = self.decoder(u, select)
+        return CapsOutput(u, lengths, recon)
