@@ -233,9 +233,11 @@ class SlurmCluster:
         })  # fmt: skip
 
     # ------------------------------------------------------------------ jobs
-    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None) -> int:
-        """Submit ``script`` (extra sbatch/script ``args``) and return the job id."""
-        out = self.run("sbatch", "--parsable", *args, str(script), env={**self.env, **(env or {})})
+    def sbatch(
+        self, script: Path, *script_args: str, options: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> int:
+        """Submit ``script`` with sbatch ``options`` and ``script_args``; return the job id."""
+        out = self.run("sbatch", "--parsable", *options, str(script), *script_args, env={**self.env, **(env or {})})
         return int(out.strip().split(";")[0])
 
     def job_state(self, job_id: int) -> str:

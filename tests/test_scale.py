@@ -66,9 +66,9 @@ def _submit(cluster: SlurmCluster, tmp: Path, name: str, out: Path, **probe: obj
     config = _write_yaml(tmp / "tiny.yaml", SLURM_CONFIG)
     extra = _probe_config(tmp / f"{name}-probe.yaml", out, **probe)
     return cluster.sbatch(
-        REPO / "slurm" / "single_node.sbatch",
-        f"--job-name={name}", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--chdir={tmp}",
-        str(config), "--config", str(extra), "--wandb_mode=offline",
+        REPO / "slurm" / "single_node.sbatch", str(config), "--config", str(extra), "--wandb_mode=offline",
+        options=[f"--job-name={name}", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+                 f"--chdir={tmp}"],
         env={**_env(), "CAPSDIST_HOME": str(REPO)},
     )  # fmt: skip
 
@@ -102,7 +102,7 @@ def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dic
     assert not set(ranks[0]["train"]) & set(ranks[1]["train"][: STEPS_PER_EPOCH * 4])  # ranks split each epoch
     root = uninterrupted["tmp"] / "runs" / "capsdist-ddp"  # per job name, as the template sets it
     assert (root / "checkpoints" / "last.ckpt").is_file()
-    assert len(list((root / "wandb" / "wandb").glob("offline-run-*"))) == 1  # one W&B run: rank 0 logs
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # one W&B run: rank 0 logs
 
 
 def test_preempted_job_requeues_and_resumes_without_losing_samples(
