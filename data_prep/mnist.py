@@ -123,7 +123,7 @@ def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path) -> np
             f"MNIST file {path} is truncated or padded: header promises {expected} payload bytes, "
             f"found {len(raw) - header}. Delete it. {_fix(folder)}"
         )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()  # writable, owns its memory
 
 
 def load(folder: str | os.PathLike, split: Split, check_md5: bool = True) -> tuple[np.ndarray, np.ndarray]:
