@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from capsdist import data
@@ -308,3 +309,58 @@ def test_datamodule_bad_config() -> None:
         data.CapsDataModule(source="cifar")  # type: ignore[arg-type]
     with pytest.raises(data.DataError, match="Fix: set train_batches_per_epoch"):
         data.ShardStream(["x.tar"], 8, train=True)
+
+
+class _Linear(pl.LightningModule):
+    """A linear classifier: the smallest model whose weights record every batch it saw, in order."""
+
+    def __init__(self, pixels: int) -> None:
+        """One linear layer."""
+        super().__init__()
+        self.net = torch.nn.Linear(pixels, 10)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on the first label."""
+        return torch.nn.functional.cross_entropy(self.net(batch["image"].flatten(1)), batch["labels"][:, 0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Plain SGD."""
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("source", "workers"), [("multimnist_onthefly", 0), ("multimnist_shards", 2)])
+def test_trainer_resume_mid_epoch_exact(source: str, workers: int, shards: Path, tmp_path: Path) -> None:
+    """Through Lightning: stop at step 8 (epoch 1, batch 2 of 6), resume, end with the uninterrupted weights."""
+
+    def run(root: str, ckpt: str | None = None, **kw: object) -> torch.Tensor:
+        pl.seed_everything(0)
+        model = _Linear(36 * 36)
+        dm = data.CapsDataModule(
+            source=source,
+            mnist_dir=str(SHIPPED),
+            train_shards=str(shards),
+            batch_size=16,
+            num_workers=workers,
+            shuffle_buffer=20,
+            train_samples=96,
+            seed=3,
+        )
+        trainer = pl.Trainer(
+            default_root_dir=str(tmp_path / root),
+            max_epochs=2,
+            deterministic=True,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            **kw,
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return model.net.weight.detach().clone()
+
+    full = run("full")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=8, filename="s")
+    run("cut", callbacks=[ckpt], max_steps=8)
+    state = torch.load(tmp_path / "ck" / "s.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
+    assert state["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert torch.equal(run("resumed", str(tmp_path / "ck" / "s.ckpt")), full)
