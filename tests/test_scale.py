@@ -22,7 +22,7 @@ from data_prep import multimnist
 from tests.slurm_cluster import SlurmCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH, MAX_STEPS, PAUSE_AT = 6, 12, 9  # preempted mid-way through the second epoch
+BATCH, STEPS_PER_EPOCH, MAX_STEPS, PAUSE_AT = 4, 6, 12, 9  # preempted mid-way through the second epoch
 TINY_MODEL = {
     "conv_channels": 8,
     "primary_channels": 4,
@@ -30,13 +30,14 @@ TINY_MODEL = {
     "decoder_hidden": [16, 32],
     "log_images_every_n_steps": 0,
 }
-# 2 ranks x 4 samples x 6 batches = 48 MNIST images per epoch; 2 validation batches per rank.
+# 2 ranks x BATCH samples x STEPS_PER_EPOCH batches of MNIST per epoch; 2 validation batches per rank.
 SLURM_CONFIG = {
     "seed_everything": 0,
     "trainer": {"accelerator": "cpu", "precision": 32, "max_steps": MAX_STEPS, "num_sanity_val_steps": 0,
                 "log_every_n_steps": 1, "enable_progress_bar": False},
     "model": TINY_MODEL,
-    "data": {"source": "mnist", "batch_size": 4, "num_workers": 0, "train_samples": 48, "val_samples": 16},
+    "data": {"source": "mnist", "batch_size": BATCH, "num_workers": 0, "train_samples": 2 * BATCH * STEPS_PER_EPOCH,
+             "val_samples": 4 * BATCH},
 }  # fmt: skip
 
 
@@ -98,8 +99,7 @@ def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dic
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["global_step"] for r in ranks} == {MAX_STEPS}
     assert ranks[0]["params"] == ranks[1]["params"]
-    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == MAX_STEPS * 4
-    assert not set(ranks[0]["train"]) & set(ranks[1]["train"][: STEPS_PER_EPOCH * 4])  # ranks split each epoch
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == MAX_STEPS * BATCH
     root = uninterrupted["tmp"] / "runs" / "capsdist-ddp"  # per job name, as the template sets it
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # one W&B run: rank 0 logs
@@ -164,7 +164,9 @@ def test_two_torchrun_nodes_read_disjoint_shards(tmp_path: Path) -> None:
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["global_step"] for r in ranks} == {6} and ranks[0]["params"] == ranks[1]["params"]
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 6 * 4  # same batches per rank, 3 shards
+    assert ranks[0]["train"] != ranks[1]["train"]  # resampled training shards: each rank its own stream
     assert len(ranks[0]["val"]) == len(ranks[1]["val"]) == 2 * 3 * 4  # 2 epochs x 3 batches x 4 samples
+    assert len(set(ranks[0]["val"])) == len(set(ranks[1]["val"])) == 3 * 4  # the same 12 samples each epoch
     assert not set(ranks[0]["val"]) & set(ranks[1]["val"])  # validation shards split by rank: disjoint
 
 
