@@ -1,4 +1,4 @@
-"""A Lightning callback for the scale-out tests: records what each rank trained on, and can hold for preemption.
+"""A Lightning callback for the scale-out tests: records what each rank trained on, and can hold for a signal.
 
 Added to a real `python -m capsdist.train` run through a YAML config (``trainer.callbacks``); each rank writes
 ``rank<r>-run<k>.json`` (k = SLURM restart count, 0 outside SLURM) with its global step, a digest of every
@@ -26,10 +26,14 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 class RankProbe(pl.Callback):
-    """Record per-rank samples/steps/params; optionally pause the first run at ``pause_at_step`` until SIGTERM."""
+    """Record per-rank samples/steps/params; optionally hold the first run at ``pause_at_step``.
+
+    A held rank writes ``paused-rank<r>`` into ``out_dir`` and sleeps (signals are handled meanwhile) until the
+    test creates ``out_dir/resume``, so a signal sent in between arrives at a known step.
+    """
 
     def __init__(self, out_dir: str, pause_at_step: int | None = None, pause_timeout: float = 120.0) -> None:
-        """``out_dir``: where the JSON records go; a paused run writes ``paused-rank<r>`` there while it waits."""
+        """``out_dir``: where the JSON records and the pause/resume marker files go."""
         self.out_dir = Path(out_dir)
         self.pause_at_step, self.pause_timeout = pause_at_step, pause_timeout
         self.run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -49,13 +53,13 @@ class RankProbe(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        """In the first run, stop at ``pause_at_step`` and wait (signals are handled meanwhile) until SIGTERM."""
+        """In the first run, hold at ``pause_at_step`` until the test says resume."""
         if self.run != 0 or trainer.global_step != self.pause_at_step:
             return
         self._write(trainer, pl_module)
         (self.out_dir / f"paused-rank{trainer.global_rank}").touch()
         deadline = time.monotonic() + self.pause_timeout
-        while not trainer.received_sigterm and time.monotonic() < deadline:
+        while not (self.out_dir / "resume").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

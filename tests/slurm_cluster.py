@@ -8,6 +8,7 @@ teardown is a terminate/wait of the processes started here. slurmdbd + MariaDB a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -142,7 +143,11 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Terminate the daemons in reverse start order (SIGKILL after 10 s)."""
+        """Cancel leftover jobs (their steps outlive slurmd otherwise), then stop the daemons in reverse order."""
+        if self.procs and (self.root / "etc" / "slurm.conf").exists():
+            self.run("scancel", f"--user={os.getuid()}", check=False)
+            with contextlib.suppress(TimeoutError):  # KillWait (10 s) lets SIGTERM-ignoring tasks end first
+                _wait_until(lambda: not self.run("squeue", "-h", check=False).strip(), "jobs to end", 30)
         for proc in reversed(self.procs):
             proc.terminate()
             try:
@@ -248,14 +253,17 @@ class SlurmCluster:
     def wait_for_state(self, job_id: int, states: Iterable[str], timeout: float) -> str:
         """Wait until the job is in one of ``states`` (or a terminal state) and return that state."""
         wanted = (*states, *TERMINAL_STATES)
-        seen: list[str] = []
+        seen = [""]
 
         def _reached() -> bool:
-            seen.append(self.job_state(job_id))
-            return seen[-1].startswith(wanted)
+            seen[0] = self.job_state(job_id)
+            return seen[0].startswith(wanted)
 
-        _wait_until(_reached, f"job {job_id} to reach {list(states)} (last state {seen[-1:]})", timeout, 0.5)
-        return seen[-1]
+        try:
+            _wait_until(_reached, f"job {job_id} to reach {list(states) or 'an end'}", timeout, 0.5)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; it is {seen[0]}") from None
+        return seen[0]
 
     def sacct(self, job_id: int) -> list[str]:
         """The job's accounting lines, every run of a requeued job included (``sacct --duplicates``)."""

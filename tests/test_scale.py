@@ -108,7 +108,8 @@ def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dic
 def test_preempted_job_requeues_and_resumes_without_losing_samples(
     slurm_cluster: SlurmCluster, uninterrupted: dict, tmp_path: Path
 ) -> None:
-    """USR1 mid-epoch: hpc checkpoint, `scontrol requeue`, second run resumes and ends as if never stopped."""
+    """USR1 mid-epoch: hpc checkpoint at that step, `scontrol requeue`, the second run resumes from it and ends
+    exactly as the uninterrupted job did (same samples in the same order, same weights)."""
     name, out = "capsdist-preempt", tmp_path / "probe"
     job = _submit(slurm_cluster, tmp_path, name, out, pause_at_step=PAUSE_AT)
     deadline = time.monotonic() + 180
@@ -118,6 +119,8 @@ def test_preempted_job_requeues_and_resumes_without_losing_samples(
         )
         time.sleep(0.5)
     slurm_cluster.run("scancel", "--signal=USR1", str(job))  # what --signal=USR1@90 sends the tasks
+    time.sleep(1)  # the held ranks handle the signal, then go on to the end of step PAUSE_AT
+    (out / "resume").touch()
     state = slurm_cluster.wait_for_state(job, [], timeout=240)
     lines = slurm_cluster.sacct(job)
     print("\n".join(["sacct:", *lines]))
