@@ -147,6 +147,8 @@ class SlurmRequeue(pl.Callback):
         """If any rank was signalled: save the hpc checkpoint on all ranks, requeue from rank 0, stop."""
         if not self.installed or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
+        for logger in trainer.loggers:  # flush metrics first, as Lightning's handler does
+            logger.finalize("finished")
         # Lightning's own naming (hpc_ckpt_<max+1>.ckpt) so its automatic resume finds the file.
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # returns on every rank only once the file is complete
