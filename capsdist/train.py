@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
@@ -192,6 +192,22 @@ def run_loggers(root: Path, mode: str, project: str) -> list[Logger]:
     return loggers
 
 
+def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
+    """Best checkpoint by val/error, a rolling snapshot (and last.ckpt) every n steps (0: every epoch), and one on
+    a crash or Ctrl-C, so `--ckpt_path last` resumes from the freshest state, mid-epoch included."""
+    return [
+        ModelCheckpoint(folder, "best-{epoch}-{step}", monitor="val/error", mode="min", enable_version_counter=False),
+        ModelCheckpoint(
+            folder,
+            "snapshot-{step}",
+            every_n_train_steps=every_n_steps or None,
+            save_last=True,
+            enable_version_counter=False,
+        ),
+        OnExceptionCheckpoint(folder, "interrupted"),
+    ]
+
+
 class CapsCLI(LightningCLI):
     """LightningCLI with the model's image size and digit count taken from the data, and run-local outputs."""
 
@@ -201,6 +217,9 @@ class CapsCLI(LightningCLI):
         parser.link_arguments("data.num_targets", "model.num_targets", apply_on="instantiate")
         parser.add_argument("--wandb_mode", type=Literal["offline", "online", "disabled"], default="offline")
         parser.add_argument("--wandb_project", type=str, default="capsdist")
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=1000, help="periodic snapshot (and last.ckpt); 0: off"
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers and best/last checkpoints, all under trainer.default_root_dir."""
@@ -211,34 +230,32 @@ class CapsCLI(LightningCLI):
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
             kwargs["logger"] = run_loggers(root, *wandb)
         callbacks = list(config.get("callbacks") or [])
+        self.checkpoint_dir = None
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=root / "checkpoints",
-                    filename="best-{epoch}-{step}",
-                    monitor="val/error",
-                    mode="min",
-                    save_last=True,
-                    enable_version_counter=False,
-                )
-            )
+            self.checkpoint_dir = root / "checkpoints"
+            callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
-        """Print the run's outcome as one JSON line: final validation metrics and where the checkpoints are."""
+        """Save the final state as last.ckpt and print the outcome as one JSON line (metrics, checkpoints)."""
         trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        checkpoint = trainer.checkpoint_callback
-        summary = {
-            "global_step": trainer.global_step,
-            **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-            "best_checkpoint": getattr(checkpoint, "best_model_path", None),
-            "last_checkpoint": getattr(checkpoint, "last_model_path", None),
-        }
-        print(json.dumps(summary))
+        last = None
+        if self.checkpoint_dir is not None:
+            last = self.checkpoint_dir / "last.ckpt"
+            trainer.save_checkpoint(last)
+        if trainer.is_global_zero:
+            summary = {
+                "global_step": trainer.global_step,
+                **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
+                "last_checkpoint": str(last) if last else None,
+            }
+            print(json.dumps(summary))
+        for logger in trainer.loggers:  # close the W&B run, so a later run in this process gets its own
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -250,6 +267,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            parser_kwargs={"allow_abbrev": False},
             args=args,
         )
 
