@@ -98,7 +98,8 @@ def test_fit_on_multimnist_shards(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "configs",
-    [["quickstart.yaml"], ["mnist.yaml"], ["large.yaml"]]
+    [["quickstart.yaml"], ["mnist.yaml"], ["large.yaml"], ["multimnist.yaml"]]
+    + [["multimnist.yaml", "multimnist_onthefly.yaml"]]
     + [["mnist.yaml", f"ablation/{p.name}"] for p in sorted((ROOT / "configs/ablation").glob("*.yaml"))],
     ids=lambda c: "+".join(c),
 )
