@@ -161,7 +161,8 @@ class CapsNetModule(pl.LightningModule):
         if not wrong and not missing:
             return
         saved = checkpoint.get("hyper_parameters", {})
-        differ = {k: (saved.get(k), self.hparams.get(k)) for k in MODEL_ARGS if saved.get(k) != self.hparams.get(k)}
+        plain = {k: (json.dumps(saved.get(k)), json.dumps(self.hparams.get(k))) for k in MODEL_ARGS}
+        differ = {k: f"{a} vs {b}" for k, (a, b) in plain.items() if a != b}
         details = "; ".join(wrong[:3] + [f"only in one of them: {n}" for n in missing[:3]])
         raise CheckpointMismatchError(
             "the checkpoint was written by a different model than the one configured "
@@ -221,6 +222,16 @@ class CapsCLI(LightningCLI):
             "--checkpoint_every_n_steps", type=int, default=1000, help="periodic snapshot (and last.ckpt); 0: off"
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Load checkpoints with weights_only unless told otherwise: they hold tensors and plain types only."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configured model: Lightning would silently swap in the checkpoint's hyperparameters; a
+        checkpoint that does not fit the configured model is refused in CapsNetModule.on_load_checkpoint."""
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers and best/last checkpoints, all under trainer.default_root_dir."""
         config = self._get(self.config_init, "trainer", default={})
@@ -244,7 +255,7 @@ class CapsCLI(LightningCLI):
         last = None
         if self.checkpoint_dir is not None:
             last = self.checkpoint_dir / "last.ckpt"
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)
         if trainer.is_global_zero:
             summary = {
                 "global_step": trainer.global_step,
@@ -268,6 +279,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             parser_kwargs={"allow_abbrev": False},
+            load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
             args=args,
         )
 

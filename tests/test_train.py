@@ -76,9 +76,30 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, source):
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+def test_fit_on_multimnist_shards(tmp_path, capsys):
+    from data_prep.multimnist import generate
+
+    for split, count in (("train", 96), ("test", 32)):
+        plan = {"split": split, "per_digit": None, "num_samples": count, "shard_size": 32, "seed": 1}
+        generate(ROOT / "data/mnist", tmp_path / split, plan, workers=1)
+    shards = [f"--data.train_shards={tmp_path / 'train'}", f"--data.val_shards={tmp_path / 'test'}"]
+    fit(
+        tmp_path / "run",
+        "--data.source=multimnist_shards",
+        *shards,
+        "--data.shuffle_buffer=16",
+        "--trainer.max_steps=4",
+    )
+    result = summary(capsys)
+    assert result["global_step"] == 4 and 0 <= result["val/acc"] <= result["val/digit_acc"] <= 1
+    hparams = torch.load(result["last_checkpoint"], weights_only=True)["hyper_parameters"]
+    assert (hparams["image_size"], hparams["num_targets"]) == (36, 2)  # linked from the data source
+
+
 @pytest.mark.parametrize(
     "configs",
-    [["quickstart.yaml"], ["mnist.yaml"], ["large.yaml"]]
+    [["quickstart.yaml"], ["mnist.yaml"], ["large.yaml"], ["multimnist.yaml"]]
+    + [["multimnist.yaml", "multimnist_onthefly.yaml"]]
     + [["mnist.yaml", f"ablation/{p.name}"] for p in sorted((ROOT / "configs/ablation").glob("*.yaml"))],
     ids=lambda c: "+".join(c),
 )
@@ -110,7 +131,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, checkpoint, capsys):
         fit(tmp_path, "--trainer.max_steps=6", "--model.conv_channels=16", f"--ckpt_path={checkpoint}")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "different model" in err and "conv_channels" in err and "Traceback" not in err
+    assert "different model" in err and "conv_channels': '32 vs 16'" in err and "Traceback" not in err
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
