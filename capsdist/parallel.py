@@ -149,8 +149,9 @@ class SlurmRequeue(pl.Callback):
             return
         for logger in trainer.loggers:  # flush metrics first, as Lightning's handler does
             logger.finalize("finished")
-        # Lightning's own naming (hpc_ckpt_<max+1>.ckpt) so its automatic resume finds the file.
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        # Lightning's own naming (hpc_ckpt_<max+1>.ckpt) so its automatic resume finds the file; rank 0 names it
+        # for everyone (a rank that looked after rank 0 had written would pick the next number).
+        path = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         trainer.save_checkpoint(path)  # returns on every rank only once the file is complete
         if trainer.is_global_zero:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")

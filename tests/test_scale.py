@@ -78,6 +78,23 @@ def _job_log(tmp: Path, name: str, job: int) -> str:
     return (tmp / f"{name}-{job}.out").read_text(errors="replace")[-4000:]
 
 
+@pytest.mark.parametrize("template", ["single_node.sbatch", "multi_node.sbatch"])
+def test_templates_accepted_by_slurmctld(slurm_cluster: SlurmCluster, template: str) -> None:
+    """Both templates parse and schedule (``sbatch --test-only``, sized down to this one CPU node) and carry
+    the directives requeue depends on; one task per GPU."""
+    path = REPO / "slurm" / template
+    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+    proc = subprocess.run(["sbatch", "--test-only", *options, str(path), "configs/quickstart.yaml"],
+                          env=slurm_cluster.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+    directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in path.read_text().splitlines()
+                      if line.startswith("#SBATCH --") and "=" in line)  # fmt: skip
+    assert directives["signal"] == "USR1@90" and directives["open-mode"] == "append"
+    assert "#SBATCH --requeue" in path.read_text()
+    assert directives["ntasks-per-node"] == directives["gpus-per-node"]
+    assert directives["job-name"] not in ("bash", "interactive")  # Lightning would ignore SLURM
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 2-task sbatch job of the template trained to the end: its job id, sacct lines and probe records."""
