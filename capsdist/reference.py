@@ -50,7 +50,8 @@ class ReferenceCapsLayer(nn.Module):
 
 
 def reference_twin(model: CapsNet) -> CapsNet:
-    """An independent copy of `model` whose routed layers use the reference formulation (same weights)."""
+    """An independent copy of `model` in the ports' formulation: plain convs and reference routed layers."""
     twin = copy.deepcopy(model)
+    twin.primary.fast_weight_grad = False
     twin.caps = nn.ModuleList(ReferenceCapsLayer.from_layer(layer) for layer in model.caps)
     return twin

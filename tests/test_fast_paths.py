@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from capsdist.conv import strided_conv2d
 from capsdist.losses import capsnet_loss
 from capsdist.model import CapsNet
 from capsdist.reference import ReferenceCapsLayer, reference_twin
@@ -93,3 +94,25 @@ def test_capsnet_train_step_matches_reference_formulation(bf16, tol):
     for name in fast:
         scale = ref[name].abs().max().item()
         torch.testing.assert_close(fast[name], ref[name], rtol=0, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(20, 9, 2), (11, 3, 3), (9, 4, 1), (12, 5, 2)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_strided_conv2d_matches_conv2d_values_and_grads(size, kernel, stride, bf16):
+    torch.manual_seed(size)
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride)
+    x = torch.randn(2, 3, size, size)
+
+    def run(fn):
+        conv.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = fn(xx)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), xx.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+    fast, plain = run(lambda xx: strided_conv2d(xx, conv)), run(conv)
+    assert fast[0].dtype == plain[0].dtype and fast[2].is_contiguous()
+    for got, want in zip(fast, plain, strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=(1e-2 if bf16 else 1e-5) * scale)
