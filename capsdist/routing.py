@@ -46,44 +46,29 @@ def _dot(u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u, vec.unsqueeze(2)).squeeze(2)
 
 
-class _WeightedSum(torch.autograd.Function):
-    """`_weighted_sum` whose backward keeps the priors' layout and saves only what the needed grads use."""
+class _ContractInputs(torch.autograd.Function):
+    """The two contractions over input capsules, u [N, I, D] with a small operand: the agreement u . vec [N, I]
+    or the weighted sum sum_i coef_i u_i [N, D]. Backward writes d u in u's own layout and saves only what the
+    needed gradients use (with detached inner rounds, the last round's u is not kept alive)."""
 
     @staticmethod
-    def forward(ctx, coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Batched GEMV forward; saves coef only if u needs a grad and u only if coef does."""
-        need_coef, need_u = ctx.needs_input_grad
-        ctx.save_for_backward(coef if need_u else None, u if need_coef else None)
-        ctx.input_major = _input_major(u)
-        return _weighted_sum(coef, u)
+    def forward(ctx, small: torch.Tensor, u: torch.Tensor, agreement: bool) -> torch.Tensor:  # type: ignore[override]
+        """`_dot(u, small)` if `agreement` else `_weighted_sum(small, u)`."""
+        need_small, need_u, _ = ctx.needs_input_grad
+        ctx.save_for_backward(small if need_u else None, u if need_small else None)
+        ctx.input_major, ctx.agreement = _input_major(u), agreement
+        return _dot(u, small) if agreement else _weighted_sum(small, u)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        """d coef = u . grad, d u = coef (x) grad."""
-        coef, u = ctx.saved_tensors
-        grad_coef = _dot(u, grad) if u is not None else None
-        grad_u = _outer(coef, grad, ctx.input_major) if coef is not None else None
-        return grad_coef, grad_u
-
-
-class _Dot(torch.autograd.Function):
-    """`_dot` (routing agreement) whose backward keeps the priors' layout."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Batched GEMV forward; saves vec only if u needs a grad and u only if vec does."""
-        need_u, need_vec = ctx.needs_input_grad
-        ctx.save_for_backward(u if need_vec else None, vec if need_u else None)
-        ctx.input_major = _input_major(u)
-        return _dot(u, vec)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        """d u = grad (x) vec, d vec = sum_i grad_i u_i."""
-        u, vec = ctx.saved_tensors
-        grad_u = _outer(grad, vec, ctx.input_major) if vec is not None else None
-        grad_vec = _weighted_sum(grad, u) if u is not None else None
-        return grad_u, grad_vec
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        """Agreement: d vec = sum_i grad_i u_i, d u = grad (x) vec; sum: d coef = u . grad, d u = coef (x) grad."""
+        small, u = ctx.saved_tensors
+        grad_small = grad_u = None
+        if u is not None:
+            grad_small = _weighted_sum(grad, u) if ctx.agreement else _dot(u, grad)
+        if small is not None:
+            grad_u = _outer(grad, small, ctx.input_major) if ctx.agreement else _outer(small, grad, ctx.input_major)
+        return grad_small, grad_u, None
 
 
 def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
@@ -106,8 +91,8 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = Fal
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)
         logits = None
         for it in range(1, iterations):
-            agreement = _Dot.apply(inner, v)
+            agreement = _ContractInputs.apply(v, inner, True)
             logits = agreement if logits is None else logits + agreement
             coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1).view(batch * n_out, n_in)
-            v = squash(_WeightedSum.apply(coupling, flat if it == iterations - 1 else inner))
+            v = squash(_ContractInputs.apply(coupling, flat if it == iterations - 1 else inner, False))
     return v.view(batch, n_out, d)
