@@ -63,7 +63,8 @@ class CapsLayer(nn.Module):
 
         One batched matmul over the input capsules; W is never broadcast over the batch.
         """
-        w = self.weight.view(self.n_in, self.n_out * self.d_out, self.d_in).transpose(1, 2)
+        # reshape, not view: model.to(memory_format=channels_last) also restrides this 4-D weight
+        w = self.weight.reshape(self.n_in, self.n_out * self.d_out, self.d_in).transpose(1, 2)
         u_hat = torch.bmm(u.transpose(0, 1).to(w.dtype), w)  # [n_in, B, n_out*d_out]
         return u_hat.view(self.n_in, -1, self.n_out, self.d_out).transpose(0, 1)
 

@@ -116,3 +116,14 @@ def test_strided_conv2d_matches_conv2d_values_and_grads(size, kernel, stride, bf
     for got, want in zip(fast, plain, strict=True):
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=0, atol=(1e-2 if bf16 else 1e-5) * scale)
+
+
+def test_channels_last_model_gives_the_same_step():
+    torch.manual_seed(0)
+    model = CapsNet(**TINY)
+    x, labels = torch.rand(2, 1, 28, 28), torch.tensor([[1], [2]])
+    plain = step_grads(model, x, labels, bf16=False)
+    cl = torch.channels_last
+    fast = step_grads(model.to(memory_format=cl), x.to(memory_format=cl), labels, bf16=False)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
