@@ -32,7 +32,8 @@ def _input_major(u: torch.Tensor) -> bool:
 def _outer(coef: torch.Tensor, vec: torch.Tensor, input_major: bool) -> torch.Tensor:
     """coef [N, I] x vec [N, D] -> [N, I, D], written input-major when the priors are (so no copy follows)."""
     if input_major:
-        return (coef.t().unsqueeze(2) * vec.unsqueeze(0)).transpose(0, 1)
+        # contiguous coef: otherwise the product inherits coef's N-major strides and a copy follows
+        return (coef.t().contiguous().unsqueeze(2) * vec.unsqueeze(0)).transpose(0, 1)
     return coef.unsqueeze(2) * vec.unsqueeze(1)
 
 

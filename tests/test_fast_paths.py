@@ -5,7 +5,7 @@ import torch
 
 from capsdist.conv import strided_conv2d
 from capsdist.losses import capsnet_loss
-from capsdist.model import CapsNet
+from capsdist.model import CapsLayer, CapsNet
 from capsdist.reference import ReferenceCapsLayer, reference_twin
 from capsdist.routing import dynamic_routing, squash
 
@@ -127,3 +127,14 @@ def test_channels_last_model_gives_the_same_step():
     fast = step_grads(model.to(memory_format=cl), x.to(memory_format=cl), labels, bf16=False)
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_priors_gradient_keeps_the_input_major_layout(detach):
+    layer = CapsLayer(n_in=12, d_in=4, n_out=3, d_out=5, detach=detach)
+    u_hat = layer.priors(torch.randn(2, 12, 4))  # an input-major view, as CapsLayer writes it
+    assert u_hat.transpose(0, 1).is_contiguous()
+    grads = []
+    u_hat.register_hook(grads.append)  # the gradient as it arrives, before any layout fix-up
+    dynamic_routing(u_hat, 3, detach).sum().backward()
+    assert grads[0].transpose(0, 1).is_contiguous()  # so the prior matmul's backward reads it without a copy
