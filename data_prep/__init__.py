@@ -1,0 +1,1 @@
+"""Data preparation for capsdist: MNIST intake and MultiMNIST WebDataset shards."""
