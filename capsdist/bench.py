@@ -19,11 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from capsdist.data import DeviceMultiMnist
 from capsdist.losses import capsnet_loss
 from capsdist.model import CapsLayer, CapsNet
 from capsdist.reference import ReferenceCapsLayer, reference_twin
+from data_prep import mnist, multimnist
 
-WHATS = ("train_step", "routing")
+MODEL_WHATS = ("train_step", "routing")
+SHARD_RATES = {"shard_write": "generate_samples_per_s_per_core", "shard_read": "decode_samples_per_s_per_worker"}
+WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly")
 LOW_PRECISION = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -188,12 +192,9 @@ def measure(what: str, args: argparse.Namespace, device: torch.device) -> list[d
     times: list[list[float]] = [[] for _ in todo]
     for round_ in range(args.warmup + args.steps):
         for case, record in zip(todo, times, strict=True):
-            synchronize(device)
-            start = time.perf_counter()
-            case.step()
-            synchronize(device)
+            elapsed = timed(case.step, device)
             if round_ >= args.warmup:
-                record.append(time.perf_counter() - start)
+                record.append(elapsed)
     rows = []
     for case, record in zip(todo, times, strict=True):
         median = statistics.median(record)
@@ -214,13 +215,58 @@ def measure(what: str, args: argparse.Namespace, device: torch.device) -> list[d
     return rows
 
 
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of `step`, queued device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def data_row(what: str, device: torch.device, batch_size: int | None, rates: list[float], peak: int | None) -> dict:
+    """A data-pipeline row: samples/s as images_per_s (median), no precision or routing."""
+    return {
+        "what": what,
+        "impl": "capsdist",
+        "device": device.type,
+        "precision": None,
+        "batch_size": batch_size,
+        "image_size": 36,
+        "iterations": None,
+        "images_per_s": round(statistics.median(rates), 1),
+        "steps": len(rates),
+        "peak_memory_bytes": peak,
+    }
+
+
+def shard_rows(whats: list[str], args: argparse.Namespace) -> list[dict[str, object]]:
+    """MultiMNIST shard generation (per core) and decode (per loader worker) rates from data_prep's benchmark."""
+    threads = torch.get_num_threads()  # the data benchmark pins one thread per core
+    try:
+        runs = [multimnist.benchmark(num_samples=args.data_samples) for _ in range(args.steps)]
+    finally:
+        torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    return [data_row(w, cpu, None, [run[SHARD_RATES[w]] for run in runs], None) for w in whats]
+
+
+def onthefly_row(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """MultiMNIST batches composed on `device` from MNIST held there (DeviceMultiMnist), samples/s."""
+    images, labels = mnist.load(mnist.resolve_dir(), "train")
+    source = DeviceMultiMnist(torch.from_numpy(images), torch.from_numpy(labels), device)
+    times = [timed(lambda i=i: source.batch(args.batch_size, step=i), device) for i in range(args.warmup + args.steps)]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return data_row("onthefly", device, args.batch_size, [args.batch_size / t for t in times[args.warmup :]], peak)
+
+
 def split_list(values: list[str]) -> list[str]:
     """Flatten repeatable, comma-separated flag values."""
     return [item for value in values for item in value.split(",") if item]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; with none, train_step and routing on CPU in fp32 and bf16 autocast at batch 64."""
+    """Command-line flags; with none, every `what` on CPU (model rows in fp32 and bf16 autocast, batch 64)."""
     parser = argparse.ArgumentParser(prog="python -m capsdist.bench", description=__doc__)
     parser.add_argument("--what", action="append", default=[], help=f"repeatable or comma list of {WHATS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -235,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
+    parser.add_argument("--data-samples", type=int, default=1000, help="MultiMNIST samples per shard benchmark run")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="capsdist convs in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile the capsdist model")
@@ -258,10 +305,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    for what in args.what:
+    rows: list[dict[str, object]] = []
+    for what in (w for w in MODEL_WHATS if w in args.what):
         for precision in args.precision:
-            for row in measure(what, argparse.Namespace(**{**vars(args), "precision": precision}), device):
-                print(json.dumps(row), flush=True)
+            rows += measure(what, argparse.Namespace(**{**vars(args), "precision": precision}), device)
+    if shard_whats := [w for w in SHARD_RATES if w in args.what]:
+        rows += shard_rows(shard_whats, args)
+    if "onthefly" in args.what:
+        rows.append(onthefly_row(args, device))
+    for row in rows:
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

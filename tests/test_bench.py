@@ -93,3 +93,14 @@ def test_bad_flags_name_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_data_rows_report_samples_per_second(capsys):
+    threads = torch.get_num_threads()
+    argv = "--what shard_write,shard_read --what onthefly --steps 1 --warmup 1 --data-samples 300 --batch-size 8"
+    bench.main(argv.split())
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["what"] for r in rows] == ["shard_write", "shard_read", "onthefly"]
+    assert all(row.keys() >= KEYS and row["images_per_s"] > 0 and row["image_size"] == 36 for row in rows)
+    assert rows[2]["batch_size"] == 8
+    assert torch.get_num_threads() == threads  # the shard benchmark's one-thread pin does not leak
