@@ -45,11 +45,12 @@ class _StridedConv2d(torch.autograd.Function):
 
 
 def strided_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """`conv(x)` for an unpadded, undilated, ungrouped nn.Conv2d; on CPU with the faster weight gradient.
+    """`conv(x)`; on CPU, for an unpadded, undilated, ungrouped conv with square stride, the fast weight gradient.
 
     Under autocast the inputs are cast to the autocast dtype first, as F.conv2d would.
     """
-    if x.device.type != "cpu":
+    general = conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1 or len(set(conv.stride)) != 1
+    if x.device.type != "cpu" or general:
         return conv(x)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     bias = None if conv.bias is None else conv.bias.to(dtype)

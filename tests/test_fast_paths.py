@@ -138,3 +138,14 @@ def test_priors_gradient_keeps_the_input_major_layout(detach):
     u_hat.register_hook(grads.append)  # the gradient as it arrives, before any layout fix-up
     dynamic_routing(u_hat, 3, detach).sum().backward()
     assert grads[0].transpose(0, 1).is_contiguous()  # so the prior matmul's backward reads it without a copy
+
+
+def test_strided_conv2d_leaves_other_convolutions_to_torch():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 9, 9)
+    for conv in (
+        torch.nn.Conv2d(2, 3, 3, padding=1),
+        torch.nn.Conv2d(2, 4, 3, groups=2),
+        torch.nn.Conv2d(2, 3, 3, (1, 2)),
+    ):
+        torch.testing.assert_close(strided_conv2d(x, conv), conv(x), rtol=0, atol=0)
