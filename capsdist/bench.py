@@ -299,21 +299,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def all_rows(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, object]]:
+    """Every requested measurement, model rows per precision first, each yielded as soon as it is measured."""
+    for what in (w for w in MODEL_WHATS if w in args.what):
+        for precision in args.precision:
+            yield from measure(what, argparse.Namespace(**{**vars(args), "precision": precision}), device)
+    if shard_whats := [w for w in SHARD_RATES if w in args.what]:
+        yield from shard_rows(shard_whats, args)
+    if "onthefly" in args.what:
+        yield onthefly_row(args, device)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every (what, precision) pair and print its rows as JSON lines."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    rows: list[dict[str, object]] = []
-    for what in (w for w in MODEL_WHATS if w in args.what):
-        for precision in args.precision:
-            rows += measure(what, argparse.Namespace(**{**vars(args), "precision": precision}), device)
-    if shard_whats := [w for w in SHARD_RATES if w in args.what]:
-        rows += shard_rows(shard_whats, args)
-    if "onthefly" in args.what:
-        rows.append(onthefly_row(args, device))
-    for row in rows:
+    for row in all_rows(args, torch.device(args.device)):
         print(json.dumps(row), flush=True)
 
 
