@@ -53,6 +53,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from capsdist import CapsdistError
 from data_prep import mnist, recipe
 
 Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 _PERM, _SHIFT, _ONTHEFLY, _ONTHEFLY_VAL, _SHARDS, _SHUFFLE = range(11, 17)
 
 
-class DataError(ValueError):
+class DataError(CapsdistError, ValueError):
     """Bad data configuration (no shards, missing files, impossible epoch length); the message names the fix."""
 
 

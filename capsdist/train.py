@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
@@ -39,33 +39,21 @@ class CapsNetModule(pl.LightningModule):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        image_size: int = 28,
-        num_classes: int = 10,
         num_targets: int = 1,
-        conv_channels: int = 256,
-        conv_kernel: int = 9,
-        primary_channels: int = 32,
-        primary_dim: int = 8,
-        primary_kernel: int = 9,
-        primary_stride: int = 2,
-        caps_layers: list[tuple[int, int]] | None = None,
-        routing_iterations: int = 3,
-        detach_routing: bool = False,
-        decoder_hidden: tuple[int, ...] = (512, 1024),
-        reconstruction: bool = True,
         recon_weight: float = 0.0005,
         lr: float = 1e-3,
         lr_decay: float = 0.96,
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
         log_images_every_n_steps: int = 500,
+        **model_args: Any,
     ) -> None:
-        """Model arguments are CapsNet's (see capsdist.model); num_targets is digits per image (2: MultiMNIST);
-        the learning rate decays as lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
+        """`model_args` are CapsNet's (capsdist.model; the CLI lists them with their types and defaults);
+        num_targets is digits per image (2: MultiMNIST); the learning rate decays as
+        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
         super().__init__()
         self.save_hyperparameters()
-        self.model = CapsNet(**{name: self.hparams[name] for name in MODEL_ARGS})
+        self.model = CapsNet(**model_args)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()
         self._batch_started = 0.0
@@ -161,7 +149,8 @@ class CapsNetModule(pl.LightningModule):
         if not wrong and not missing:
             return
         saved = checkpoint.get("hyper_parameters", {})
-        differ = {k: (saved.get(k), self.hparams.get(k)) for k in MODEL_ARGS if saved.get(k) != self.hparams.get(k)}
+        plain = {k: (json.dumps(saved.get(k)), json.dumps(self.hparams.get(k))) for k in MODEL_ARGS}
+        differ = {k: f"{a} vs {b}" for k, (a, b) in plain.items() if a != b}
         details = "; ".join(wrong[:3] + [f"only in one of them: {n}" for n in missing[:3]])
         raise CheckpointMismatchError(
             "the checkpoint was written by a different model than the one configured "
@@ -192,6 +181,22 @@ def run_loggers(root: Path, mode: str, project: str) -> list[Logger]:
     return loggers
 
 
+def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
+    """Best checkpoint by val/error, a rolling snapshot (and last.ckpt) every n steps (0: every epoch), and one on
+    a crash or Ctrl-C, so `--ckpt_path last` resumes from the freshest state, mid-epoch included."""
+    return [
+        ModelCheckpoint(folder, "best-{epoch}-{step}", monitor="val/error", mode="min", enable_version_counter=False),
+        ModelCheckpoint(
+            folder,
+            "snapshot-{step}",
+            every_n_train_steps=every_n_steps or None,
+            save_last=True,
+            enable_version_counter=False,
+        ),
+        OnExceptionCheckpoint(folder, "interrupted"),
+    ]
+
+
 class CapsCLI(LightningCLI):
     """LightningCLI with the model's image size and digit count taken from the data, and run-local outputs."""
 
@@ -201,6 +206,19 @@ class CapsCLI(LightningCLI):
         parser.link_arguments("data.num_targets", "model.num_targets", apply_on="instantiate")
         parser.add_argument("--wandb_mode", type=Literal["offline", "online", "disabled"], default="offline")
         parser.add_argument("--wandb_project", type=str, default="capsdist")
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=1000, help="periodic snapshot (and last.ckpt); 0: off"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Load checkpoints with weights_only unless told otherwise: they hold tensors and plain types only."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configured model: Lightning would silently swap in the checkpoint's hyperparameters; a
+        checkpoint that does not fit the configured model is refused in CapsNetModule.on_load_checkpoint."""
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers and best/last checkpoints, all under trainer.default_root_dir."""
@@ -211,34 +229,32 @@ class CapsCLI(LightningCLI):
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
             kwargs["logger"] = run_loggers(root, *wandb)
         callbacks = list(config.get("callbacks") or [])
+        self.checkpoint_dir = None
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=root / "checkpoints",
-                    filename="best-{epoch}-{step}",
-                    monitor="val/error",
-                    mode="min",
-                    save_last=True,
-                    enable_version_counter=False,
-                )
-            )
+            self.checkpoint_dir = root / "checkpoints"
+            callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
-        """Print the run's outcome as one JSON line: final validation metrics and where the checkpoints are."""
+        """Save the final state as last.ckpt and print the outcome as one JSON line (metrics, checkpoints)."""
         trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        checkpoint = trainer.checkpoint_callback
-        summary = {
-            "global_step": trainer.global_step,
-            **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-            "best_checkpoint": getattr(checkpoint, "best_model_path", None),
-            "last_checkpoint": getattr(checkpoint, "last_model_path", None),
-        }
-        print(json.dumps(summary))
+        last = None
+        if self.checkpoint_dir is not None:
+            last = self.checkpoint_dir / "last.ckpt"
+            trainer.save_checkpoint(last, weights_only=False)
+        if trainer.is_global_zero:
+            summary = {
+                "global_step": trainer.global_step,
+                **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
+                "last_checkpoint": str(last) if last else None,
+            }
+            print(json.dumps(summary))
+        for logger in trainer.loggers:  # close the W&B run, so a later run in this process gets its own
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -250,6 +266,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            parser_kwargs={"allow_abbrev": False},
+            load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
             args=args,
         )
 

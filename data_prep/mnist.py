@@ -25,6 +25,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 from tqdm import tqdm
 
+from capsdist import CapsdistError
+
 Split = Literal["train", "test"]
 
 # Official file names and md5s (LeCun, Cortes & Burges); the same list torchvision verifies against.
@@ -48,7 +50,7 @@ _MAGIC = {"images": 2051, "labels": 2049}
 _CHUNK = 1 << 16
 
 
-class MnistError(RuntimeError):
+class MnistError(CapsdistError):
     """A missing, truncated, corrupt or unexpected MNIST file; the message names the file and the fix."""
 
 
