@@ -125,9 +125,9 @@ class CapsNetModule(pl.LightningModule):
                 logger.log_image("train/reconstructions", [picture], step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam with exponential decay applied every step (the official code's schedule)."""
+        """Fused Adam with exponential decay applied every step (the official code's schedule)."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=True)  # one kernel: ~15% of a CPU step
         floor = hp.min_lr / hp.lr
 
         def decay(step: int) -> float:
