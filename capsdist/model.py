@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from capsdist.conv import strided_conv2d
 from capsdist.routing import dynamic_routing, squash
 
 
@@ -38,10 +39,11 @@ class PrimaryCaps(nn.Module):
         super().__init__()
         self.channels, self.dim = channels, dim
         self.conv = nn.Conv2d(in_channels, channels * dim, kernel, stride=stride)
+        self.fast_weight_grad = True  # CPU: weight gradient as a dilated forward conv (capsdist.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> capsules [B, channels*H'*W', dim] (ordered channel-major)."""
-        y = self.conv(x)
+        y = strided_conv2d(x, self.conv) if self.fast_weight_grad else self.conv(x)
         batch, _, h, w = y.shape
         y = y.view(batch, self.channels, self.dim, h * w).transpose(2, 3)
         return squash(y.reshape(batch, self.channels * h * w, self.dim))
@@ -61,7 +63,8 @@ class CapsLayer(nn.Module):
 
         One batched matmul over the input capsules; W is never broadcast over the batch.
         """
-        w = self.weight.view(self.n_in, self.n_out * self.d_out, self.d_in).transpose(1, 2)
+        # reshape, not view: model.to(memory_format=channels_last) also restrides this 4-D weight
+        w = self.weight.reshape(self.n_in, self.n_out * self.d_out, self.d_in).transpose(1, 2)
         u_hat = torch.bmm(u.transpose(0, 1).to(w.dtype), w)  # [n_in, B, n_out*d_out]
         return u_hat.view(self.n_in, -1, self.n_out, self.d_out).transpose(0, 1)
 

@@ -1,7 +1,12 @@
-"""Squash and routing-by-agreement (Sabour et al. 2017, Procedure 1), numerically safe under autocast.
+"""Squash and routing-by-agreement (Sabour et al. 2017, Procedure 1), fast and numerically safe under autocast.
 
 Routing always runs in float32 with autocast disabled: the softmax over output capsules, the squash norm and
 the agreement dot products are where half precision overflows or loses the small logit updates.
+
+Speed: the priors arrive input-major ([n_in, B, n_out, d] in memory, as `CapsLayer.priors` writes them), so
+every contraction over the input capsules is one batched GEMV over the B*n_out (batch, output) pairs on a
+strided view, with no copy of the priors in forward or backward; the gradient w.r.t. the priors is written
+straight into that input-major layout, which the prior matmul's backward reads without a transpose copy.
 """
 
 from __future__ import annotations
@@ -18,29 +23,77 @@ def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Ten
     return s * (sq / (1.0 + sq) * torch.rsqrt(sq + eps))
 
 
+def _input_major(u: torch.Tensor) -> bool:
+    """Whether u [N, I, D] is the transposed view of a contiguous [I, N, D] tensor."""
+    n, _, d = u.shape
+    return u.stride() == (d, n * d, 1)
+
+
+def _outer(coef: torch.Tensor, vec: torch.Tensor, input_major: bool) -> torch.Tensor:
+    """coef [N, I] x vec [N, D] -> [N, I, D], written input-major when the priors are (so no copy follows)."""
+    if input_major:
+        # contiguous coef: otherwise the product inherits coef's N-major strides and a copy follows
+        return (coef.t().contiguous().unsqueeze(2) * vec.unsqueeze(0)).transpose(0, 1)
+    return coef.unsqueeze(2) * vec.unsqueeze(1)
+
+
+def _weighted_sum(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """s[n] = sum_i coef[n, i] u[n, i]: [N, I] x [N, I, D] -> [N, D] as one batched GEMV."""
+    return torch.bmm(coef.unsqueeze(1), u).squeeze(1)
+
+
+def _dot(u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """a[n, i] = u[n, i] . vec[n]: [N, I, D] x [N, D] -> [N, I] as one batched GEMV."""
+    return torch.bmm(u, vec.unsqueeze(2)).squeeze(2)
+
+
+class _ContractInputs(torch.autograd.Function):
+    """The two contractions over input capsules, u [N, I, D] with a small operand: the agreement u . vec [N, I]
+    or the weighted sum sum_i coef_i u_i [N, D]. Backward writes d u in u's own layout and saves only what the
+    needed gradients use (with detached inner rounds, the last round's u is not kept alive)."""
+
+    @staticmethod
+    def forward(ctx, small: torch.Tensor, u: torch.Tensor, agreement: bool) -> torch.Tensor:  # type: ignore[override]
+        """`_dot(u, small)` if `agreement` else `_weighted_sum(small, u)`."""
+        need_small, need_u, _ = ctx.needs_input_grad
+        ctx.save_for_backward(small if need_u else None, u if need_small else None)
+        ctx.input_major, ctx.agreement = _input_major(u), agreement
+        return _dot(u, small) if agreement else _weighted_sum(small, u)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        """Agreement: d vec = sum_i grad_i u_i, d u = grad (x) vec; sum: d coef = u . grad, d u = coef (x) grad."""
+        small, u = ctx.saved_tensors
+        grad_small = grad_u = None
+        if u is not None:
+            grad_small = _weighted_sum(grad, u) if ctx.agreement else _dot(u, grad)
+        if small is not None:
+            grad_u = _outer(grad, small, ctx.input_major) if ctx.agreement else _outer(small, grad, ctx.input_major)
+        return grad_small, grad_u, None
+
+
 def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
     """Route prediction vectors u_hat [B, n_in, n_out, d] to output capsules v [B, n_out, d].
 
     Logits b start at 0; each round c_i = softmax_j(b_i) over the n_out output capsules,
     s_j = sum_i c_ij u_hat_j|i, v_j = squash(s_j), then b_ij += u_hat_j|i . v_j (skipped after the last round).
     With `detach`, every round but the last sees u_hat detached (values identical, cheaper backward).
+    Any memory layout is accepted; the input-major one of `CapsLayer.priors` avoids every copy.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
     with torch.autocast(device_type=u_hat.device.type, enabled=False):
         u = u_hat.float() if u_hat.dtype in (torch.float16, torch.bfloat16) else u_hat
-        u_inner = u.detach() if detach else u
-        batch, n_in, n_out, _ = u.shape
-        b = u.new_zeros(batch, n_in, n_out)
-        for it in range(iterations):
-            last = it == iterations - 1
-            u_it = u if last else u_inner
-            if it == 0:  # softmax of all-zero logits: uniform coupling, no need to build it
-                s = u_it.sum(dim=1) / n_out
-            else:
-                c = torch.softmax(b, dim=2)
-                s = torch.einsum("bij,bijd->bjd", c, u_it)
-            v = squash(s)
-            if not last:
-                b = b + torch.einsum("bijd,bjd->bij", u_it, v)
-    return v
+        batch, n_in, n_out, d = u.shape
+        # [B*n_out, n_in, d]: a view of input-major memory (a copy only for other layouts)
+        flat = u.transpose(0, 1).reshape(n_in, batch * n_out, d).transpose(0, 1)
+        inner = flat.detach() if detach else flat
+        # round 1: the softmax of all-zero logits is uniform, so s_j is the plain mean over inputs
+        v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)
+        logits = None
+        for it in range(1, iterations):
+            agreement = _ContractInputs.apply(v, inner, True)
+            logits = agreement if logits is None else logits + agreement
+            coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1).view(batch * n_out, n_in)
+            v = squash(_ContractInputs.apply(coupling, flat if it == iterations - 1 else inner, False))
+    return v.view(batch, n_out, d)

@@ -39,33 +39,21 @@ class CapsNetModule(pl.LightningModule):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        image_size: int = 28,
-        num_classes: int = 10,
         num_targets: int = 1,
-        conv_channels: int = 256,
-        conv_kernel: int = 9,
-        primary_channels: int = 32,
-        primary_dim: int = 8,
-        primary_kernel: int = 9,
-        primary_stride: int = 2,
-        caps_layers: list[tuple[int, int]] | None = None,
-        routing_iterations: int = 3,
-        detach_routing: bool = False,
-        decoder_hidden: tuple[int, ...] = (512, 1024),
-        reconstruction: bool = True,
         recon_weight: float = 0.0005,
         lr: float = 1e-3,
         lr_decay: float = 0.96,
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
         log_images_every_n_steps: int = 500,
+        **model_args: Any,
     ) -> None:
-        """Model arguments are CapsNet's (see capsdist.model); num_targets is digits per image (2: MultiMNIST);
-        the learning rate decays as lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
+        """`model_args` are CapsNet's (capsdist.model; the CLI lists them with their types and defaults);
+        num_targets is digits per image (2: MultiMNIST); the learning rate decays as
+        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
         super().__init__()
         self.save_hyperparameters()
-        self.model = CapsNet(**{name: self.hparams[name] for name in MODEL_ARGS})
+        self.model = CapsNet(**model_args)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()
         self._batch_started = 0.0
@@ -137,9 +125,9 @@ class CapsNetModule(pl.LightningModule):
                 logger.log_image("train/reconstructions", [picture], step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam with exponential decay applied every step (the official code's schedule)."""
+        """Fused Adam with exponential decay applied every step (the official code's schedule)."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=True)  # one kernel: ~15% of a CPU step
         floor = hp.min_lr / hp.lr
 
         def decay(step: int) -> float:
