@@ -26,6 +26,7 @@ from capsdist.images import image_grid
 from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
+from capsdist.parallel import SlurmRequeue
 
 MODEL_ARGS = tuple(inspect.signature(CapsNet).parameters)
 
@@ -221,7 +222,7 @@ class CapsCLI(LightningCLI):
         checkpoint that does not fit the configured model is refused in CapsNetModule.on_load_checkpoint."""
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Default loggers and best/last checkpoints, all under trainer.default_root_dir."""
+        """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue."""
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or "runs/default")
         kwargs["default_root_dir"] = str(root)
@@ -233,6 +234,8 @@ class CapsCLI(LightningCLI):
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             self.checkpoint_dir = root / "checkpoints"
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
+        if not any(isinstance(c, SlurmRequeue) for c in callbacks):
+            callbacks.append(SlurmRequeue())  # inert outside SLURM; replaces Lightning's deadlock-prone handler
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
