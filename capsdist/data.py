@@ -323,7 +323,7 @@ def _unfilter(raws: Sequence[bytes]) -> np.ndarray:
 
 def _inflate_sample(sample: dict[str, Any]) -> Inflated:
     """Check and inflate one shard sample (PNG and JSON only; other extensions are ignored, nothing is unpickled)."""
-    labels = json.loads(sample["meta.json"])["labels"]
+    labels = json.loads(sample["meta.json"].decode())["labels"]  # UTF-8, as written; skips encoding sniffing
     if not (isinstance(labels, list) and len(labels) == 2 and all(type(x) is int for x in labels)):
         raise ValueError(f"{sample.get('__key__')}: meta labels {labels!r} are not two digits")
     return (*(_inflate_png(sample[k]) for k in ("input.png", "digit0.png", "digit1.png")), labels)
