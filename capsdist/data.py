@@ -283,7 +283,7 @@ _ROW = recipe.CANVAS + 1  # a PNG scanline: filter type byte + pixels
 _ZERO_ROW = bytes(_ROW)
 _TAR_BLOCK = 512
 _TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped like webdataset does
-Inflated = tuple[bytes, bytes, bytes, list[int]]  # filtered scanlines of input, digit0, digit1; the two labels
+_Inflated = tuple[bytes, bytes, bytes, list[int]]  # filtered scanlines of input, digit0, digit1; the two labels
 
 
 def _inflate_png(data: bytes) -> bytes:
@@ -321,7 +321,7 @@ def _unfilter(raws: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(bytearray(canvas.tobytes()), np.uint8).reshape(len(raws), _ROW, recipe.CANVAS)[:, 1:]
 
 
-def _inflate_sample(sample: dict[str, Any]) -> Inflated:
+def _inflate_sample(sample: dict[str, Any]) -> _Inflated:
     """Check and inflate one shard sample (PNG and JSON only; other extensions are ignored, nothing is unpickled)."""
     labels = json.loads(sample["meta.json"].decode())["labels"]  # UTF-8, as written; skips encoding sniffing
     if not (isinstance(labels, list) and len(labels) == 2 and all(type(x) is int for x in labels)):
@@ -329,7 +329,7 @@ def _inflate_sample(sample: dict[str, Any]) -> Inflated:
     return (*(_inflate_png(sample[k]) for k in ("input.png", "digit0.png", "digit1.png")), labels)
 
 
-def _collate_inflated(samples: list[Inflated]) -> Batch:
+def _collate_inflated(samples: list[_Inflated]) -> Batch:
     """Contract batch from inflated samples: the whole batch is unfiltered in one pass and converted once."""
     pixels = torch.from_numpy(_unfilter([raw for s in samples for raw in s[:3]])).unflatten(0, (len(samples), 3))
     return to_batch(pixels[:, 0], torch.tensor([s[3] for s in samples]), pixels[:, 1:])
