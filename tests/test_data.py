@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
 
 from capsdist import data
 from data_prep import mnist, multimnist
@@ -245,6 +250,69 @@ def test_corrupt_sample_skipped_and_counted(shards: Path, tmp_path: Path, caplog
     assert 29 + 10 <= n < 29 + 30
     assert "skipped corrupt sample (1 so far on rank 0 worker 0): UnidentifiedImageError" in caplog.text
     assert "skipped corrupt sample (2 so far on rank 0 worker 0): KeyError: 'meta.json'" in caplog.text
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk with its CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_every_filter(pixels: np.ndarray, bit_depth: int = 8) -> bytes:
+    """A 36x36 grayscale PNG whose row r uses PNG filter type r % 5 (PIL's writer never picks type 3 here)."""
+    rows, up = [], np.zeros(36, np.int16)
+    for r, row in enumerate(pixels.astype(np.int16)):
+        left, upleft = np.r_[0, row[:-1]], np.r_[0, up[:-1]]
+        p = left + up - upleft
+        pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        pred = (0 * row, left, up, (left + up) // 2, paeth)[r % 5]
+        rows.append(bytes([r % 5]) + ((row - pred) % 256).astype(np.uint8).tobytes())
+        up = row
+    header = struct.pack(">IIBBBBB", 36, 36, bit_depth, 0, 0, 0, 0)
+    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _pil(png: bytes) -> np.ndarray:
+    """The straightforward decode: PIL."""
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im)
+
+
+def test_batch_decode_equals_pil(shards: Path) -> None:
+    """The lean tar reader and the batched PNG decode give exactly webdataset's samples and PIL's pixels."""
+    url = str(shards / "test-000003.tar")
+    with open(url, "rb") as stream:
+        ours = list(data._shard_samples(iter([{"url": url, "stream": stream}]), data.SkipCounter()))
+    assert ours == list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 36, 36), dtype=np.uint8)
+    crafted = {k: _png_every_filter(p) for k, p in zip(("input.png", "digit0.png", "digit1.png"), pixels, strict=True)}
+    samples = [*ours, {**crafted, "meta.json": b'{"labels": [3, 4]}'}]
+    batch = data._collate_inflated([data._inflate_sample(s) for s in samples])
+    ref = np.stack([[_pil(s[k]) for k in ("input.png", "digit0.png", "digit1.png")] for s in samples])
+    assert np.array_equal(ref[-1], pixels)
+    assert torch.equal(_u8(batch["image"][:, 0]), torch.from_numpy(ref[:, 0]).short())
+    assert torch.equal(_u8(batch["recon"][:, :, 0]), torch.from_numpy(ref[:, 1:]).short())
+    assert batch["labels"].tolist()[-1] == [3, 4] and batch["labels"].shape == (11, 2)
+    one = data.decode_sample(samples[-1])
+    assert torch.equal(one["image"], torch.from_numpy(pixels[0])) and torch.equal(
+        one["recon"], torch.from_numpy(pixels[1:])
+    )
+
+
+def test_png_checks() -> None:
+    """Not a PNG, a 16-bit PNG, a bad CRC and a bad filter type are all errors, never silently decoded."""
+    png = _png_every_filter(np.zeros((36, 36), np.uint8))
+    with pytest.raises(UnidentifiedImageError):
+        data._inflate_png(b"not a png")
+    with pytest.raises(ValueError, match="36x36 8-bit grayscale"):
+        data._inflate_png(_png_every_filter(np.zeros((36, 36), np.uint8), bit_depth=16))
+    with pytest.raises(ValueError, match="bad CRC"):
+        data._inflate_png(png[:40] + bytes([png[40] ^ 1]) + png[41:])
+    idat = zlib.compress(bytes([5]) + bytes(36 * 37 - 1))
+    bad = png[:33] + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    with pytest.raises(ValueError, match="filter type"):
+        data._inflate_png(bad)
 
 
 def test_pipe_stream(shards: Path) -> None:
