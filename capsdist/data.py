@@ -335,18 +335,6 @@ def _collate_inflated(samples: list[_Inflated]) -> Batch:
     return to_batch(pixels[:, 0], torch.tensor([s[3] for s in samples]), pixels[:, 1:])
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """One shard sample -> uint8 tensors (the pipeline decodes whole batches instead, see ``_collate_inflated``)."""
-    *raws, labels = _inflate_sample(sample)
-    pixels = torch.from_numpy(_unfilter(raws))
-    return {"image": pixels[0], "labels": torch.tensor(labels), "recon": pixels[1:]}
-
-
-def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
-    """Stack decoded samples into a contract batch."""
-    return to_batch(*(torch.stack([s[k] for s in samples]) for k in ("image", "labels", "recon")))
-
-
 def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of a ustar stream, checksums verified; a lean stand-in for ``tarfile``.
 
