@@ -208,7 +208,10 @@ class CapsCLI(LightningCLI):
         parser.add_argument("--wandb_mode", type=Literal["offline", "online", "disabled"], default="offline")
         parser.add_argument("--wandb_project", type=str, default="capsdist")
         parser.add_argument(
-            "--checkpoint_every_n_steps", type=int, default=1000, help="periodic snapshot (and last.ckpt); 0: off"
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=1000,
+            help="rolling snapshot and last.ckpt every n steps; 0: at each epoch end",
         )
 
     def before_instantiate_classes(self) -> None:
