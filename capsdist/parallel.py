@@ -5,7 +5,7 @@ out). FSDP is picked in YAML with ``trainer.strategy: {class_path: capsdist.para
 (configs/strategy/fsdp.yaml); it wraps each routed capsule layer (its W_ij tensor is most of a large CapsNet's
 parameters) and the decoder as separate FSDP units, so each is gathered only while it computes.
 :class:`SlurmRequeue` replaces Lightning's SIGUSR1 handler, which checkpoints inside the signal handler and can
-deadlock a multi-rank job (see its docstring); the sbatch templates in slurm/ add it.
+deadlock a multi-rank job (see its docstring); the training CLI adds it to every run (inert outside SLURM).
 """
 
 from __future__ import annotations
