@@ -567,6 +567,11 @@ class CapsDataModule(pl.LightningDataModule):
         """(global rank, world size) from the trainer, (0, 1) without one."""
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
+    def _stream_args(self) -> dict[str, int]:
+        """Seed and rank placement shared by every stream of this module."""
+        rank, world = self._rank()
+        return {"seed": self.seed, "rank": rank, "world_size": world}
+
     def _epoch(self) -> int:
         """The trainer's current epoch (restored on resume), 0 without a trainer."""
         return self.trainer.current_epoch if self.trainer else 0
@@ -592,8 +597,7 @@ class CapsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         """The training stream of this rank (fixed length, resumable)."""
-        rank, world = self._rank()
-        common = {"seed": self.seed, "rank": rank, "world_size": world}
+        common = self._stream_args()
         if self.source == "multimnist_shards":
             urls = expand_shards(self.train_shards)
             total = self.train_samples or manifest_total(urls)
@@ -625,8 +629,7 @@ class CapsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> ResumableLoader:
         """The validation stream of this rank (the same samples every epoch)."""
-        rank, world = self._rank()
-        common = {"seed": self.seed, "rank": rank, "world_size": world}
+        common = self._stream_args()
         if self.source == "multimnist_shards":
             stream: Stream = ShardStream(
                 expand_shards(self.val_shards), self.batch_size, False, num_batches=self.val_batches, **common
