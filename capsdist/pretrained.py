@@ -1,0 +1,175 @@
+"""Pretrained CapsNet weights as safetensors: export from a training checkpoint, load, and score independently.
+
+The file holds the plain `CapsNet` state dict (stored in fp16 to stay small; loaded back as fp32) and, in the
+safetensors metadata, `capsnet_config` (the `CapsNet(**kwargs)` arguments as JSON) plus how it was trained and
+what it scored. Loading builds a `CapsNet` from that JSON and never unpickles or executes anything.
+
+    python -m capsdist.pretrained export --ckpt runs/mnist/checkpoints/last.ckpt --out capsnet-mnist.safetensors
+    python -m capsdist.pretrained check --weights pretrained/capsnet-mnist.safetensors --limit 1000
+
+`check` scores the stored weights on the MNIST test digits with nothing but `CapsNet` and the IDX reader, so
+the recorded accuracy does not depend on the training code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from capsdist import CapsdistError, user_errors
+from capsdist.model import CapsNet
+
+CONFIG_KEY = "capsnet_config"
+MODEL_ARGS = frozenset(inspect.signature(CapsNet).parameters)
+STORE_DTYPE = torch.float16
+
+
+def _bad_file(path: Path, why: str) -> CapsdistError:
+    """The one error for an unreadable weights file."""
+    return CapsdistError(
+        f"{path} is not a capsdist weights file ({why}). Fix: pass a .safetensors written by "
+        "`python -m capsdist.pretrained export` (e.g. pretrained/capsnet-mnist.safetensors), or a training "
+        "checkpoint with --ckpt instead."
+    )
+
+
+def model_config(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The `CapsNet(**kwargs)` arguments among a module's saved hyperparameters, as plain JSON values."""
+    config = {k: v for k, v in hparams.items() if k in MODEL_ARGS}
+    return json.loads(json.dumps(config, default=list))
+
+
+def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write the model's state dict in fp16 with its config and `metadata` (JSON-encoded values) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", STORE_DTYPE).contiguous() for k, v in model.state_dict().items()}
+    meta = {CONFIG_KEY: json.dumps(config), **{k: json.dumps(v) for k, v in metadata.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict[str, Any]]:
+    """A float32 `CapsNet` in eval mode from a weights file, and the file's metadata (JSON-decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapsdistError(
+            f"no weights file at {path}. Fix: pass the path of a .safetensors file, e.g. "
+            "pretrained/capsnet-mnist.safetensors from the repository."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _bad_file(path, f"{type(err).__name__}: {str(err)[:160]}") from err
+    if CONFIG_KEY not in raw:
+        raise _bad_file(path, f"no {CONFIG_KEY!r} metadata")
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    config = meta.pop(CONFIG_KEY)
+    if not isinstance(config, dict) or not set(config) <= MODEL_ARGS:
+        raise _bad_file(path, f"{CONFIG_KEY} has unknown keys {sorted(set(config) - MODEL_ARGS)}")
+    model = CapsNet(**config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as err:
+        raise _bad_file(path, f"weights do not fit its {CONFIG_KEY}: {str(err)[:160]}") from err
+    return model.to(device).eval(), {CONFIG_KEY: config, **meta}
+
+
+def from_checkpoint(path: str | Path) -> tuple[CapsNet, dict[str, Any], int]:
+    """(CapsNet, its config, global step) from a Lightning checkpoint of capsdist, read with weights_only."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = model_config(ckpt["hyper_parameters"])
+        model = CapsNet(**config)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
+        raise CapsdistError(
+            f"{path} is not a readable capsdist checkpoint ({type(err).__name__}: {str(err)[:160]}). "
+            "Fix: pass a .ckpt written by `python -m capsdist.train fit` (runs/NAME/checkpoints/)."
+        ) from err
+    return model.eval(), config, int(ckpt.get("global_step", 0))
+
+
+@torch.inference_mode()
+def mnist_hits(model: CapsNet, limit: int | None = None, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
+    """Per-digit correctness (bool [N]) of the longest class capsule on the first `limit` MNIST test digits."""
+    from data_prep import mnist  # the IDX reader alone: no training code on this path
+
+    images, labels = mnist.load(mnist.resolve_dir(), "test")
+    images, labels = torch.from_numpy(images[:limit]), torch.from_numpy(labels[:limit]).long()
+    model = model.to(device).eval()
+    hits = []
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size].to(device).unsqueeze(1).float().div_(255)
+        lengths = model(x, k=1).lengths
+        hits.append(lengths.argmax(dim=1).cpu() == labels[start : start + batch_size])
+    return torch.cat(hits)
+
+
+def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Store a checkpoint's CapsNet as safetensors with the test accuracy of exactly the stored (fp16) weights."""
+    model, config, step = from_checkpoint(ckpt)
+    model = model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
+    started = time.perf_counter()
+    hits = mnist_hits(model, device=device)
+    scores = {
+        "test_digits": len(hits),
+        "test_correct": int(hits.sum()),
+        "test_accuracy": float(hits.float().mean()),
+        "first_1000_correct": int(hits[:1000].sum()),
+        "score_s": round(time.perf_counter() - started, 2),
+    }
+    meta = {"global_step": step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
+    save_weights(model, config, out, meta)
+    return {**meta, "weights": str(out), "bytes": Path(out).stat().st_size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`export` a checkpoint to safetensors, or `check` a weights file's MNIST test accuracy; JSON on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m capsdist.pretrained", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="checkpoint -> safetensors, scored on all 10k test digits")
+    ex.add_argument("--ckpt", required=True, help="a .ckpt written by capsdist.train")
+    ex.add_argument("--out", required=True, help="the .safetensors file to write")
+    ex.add_argument("--meta", default="{}", help="JSON object of extra metadata (training command, hardware...)")
+    check = sub.add_parser("check", help="score a weights file on the MNIST test digits")
+    check.add_argument("--weights", required=True, help="a .safetensors written by export")
+    check.add_argument("--limit", type=int, default=None, help="only the first N test digits")
+    for p in (ex, check):
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    with user_errors():
+        if args.command == "export":
+            result = export(args.ckpt, args.out, json.loads(args.meta), args.device)
+        else:
+            model, meta = load_weights(args.weights, args.device)
+            hits = mnist_hits(model, args.limit, device=args.device)
+            recorded = {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")}
+            result = {
+                "weights": args.weights,
+                "test_digits": len(hits),
+                "test_correct": int(hits.sum()),
+                "test_accuracy": float(hits.float().mean()),
+                "recorded": recorded,
+            }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

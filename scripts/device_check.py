@@ -1,0 +1,299 @@
+"""Every GPU figure capsdist needs, from one call on a lent GPU; run it through scripts/device_check.sh.
+
+Stages, each a subprocess with its own time limit cut from one budget, so a failing or slow stage costs only
+itself: the CUDA tests (`pytest -m gpu`), train-step benchmarks (eager / compile / CUDA graphs x fp32 / bf16 x
+batch 128, 512, 2048), routing and on-device MultiMNIST rates, and a timed run of the paper MNIST model with the
+project's own CLI for the minutes left, exported to safetensors and scored on the 10k test digits by the plain
+model. Every result is a JSON line (stdout and OUT/device_check.jsonl) carrying `what`, `device_name` and `torch`;
+subprocess output goes to OUT/device_check.log. DEVICE_CHECK_SMOKE=1 runs every stage on the CPU with tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SMOKE = os.environ.get("DEVICE_CHECK_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE or not torch.cuda.is_available() else "cuda"
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_BATCH = 32 if SMOKE else 128  # the paper's batch size on the GPU
+EPOCH_STEPS = (512 if SMOKE else 60000) // TRAIN_BATCH  # full batches per epoch: lr x0.9 per epoch
+
+
+class Check:
+    """The budget, the output folder and the JSON-lines writer shared by every stage."""
+
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.deadline = out, time.monotonic() + budget_s
+        out.mkdir(parents=True, exist_ok=True)
+        self.rows = (out / "device_check.jsonl").open("a")
+        self.log = (out / "device_check.log").open("a")
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        self.common = {"device_name": name, "torch": torch.__version__, "smoke": SMOKE}
+
+    def left(self) -> float:
+        """Seconds left in the budget."""
+        return self.deadline - time.monotonic()
+
+    def emit(self, row: dict) -> None:
+        """Print one result row and append it to device_check.jsonl."""
+        line = json.dumps({**row, **self.common})
+        print(line, flush=True)
+        self.rows.write(line + "\n")
+        self.rows.flush()
+
+    def run(self, what: str, argv: list[str], limit: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+        """Run a subprocess for at most `limit` seconds (and never past the budget); (exit code, stdout)."""
+        limit = min(limit, self.left())
+        if limit < 5:
+            self.emit({"what": what, "skipped": "no time left in the budget"})
+            return -1, ""
+        self.log.write(f"\n===== {what}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
+        self.log.flush()
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=self.log,
+                text=True,
+                timeout=limit,
+            )
+            code, stdout = done.returncode, done.stdout
+        except subprocess.TimeoutExpired as err:
+            code, stdout = 124, (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        self.log.write(stdout)
+        self.log.write(f"===== {what}: exit {code} after {time.monotonic() - started:.1f} s\n")
+        self.log.flush()
+        return code, stdout
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects printed one per line in `text` (other lines ignored)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def env_stage(check: Check) -> None:
+    """What the machine is: CUDA, memory, library versions."""
+    import pytorch_lightning
+
+    props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
+    check.emit(
+        {
+            "what": "env",
+            "cuda": torch.version.cuda,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1) if props else None,
+            "multiprocessors": props.multi_processor_count if props else None,
+            "lightning": pytorch_lightning.__version__,
+            "python": sys.version.split()[0],
+        }
+    )
+
+
+def tests_stage(check: Check) -> None:
+    """`pytest -m gpu`: CUDA against CPU (in smoke mode the same tests, CPU against CPU)."""
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider", "-rf"]
+    started = time.monotonic()
+    code, out = check.run("gpu_tests", argv, 150, {"CAPSDIST_GPU_TESTS_ON_CPU": "1"} if SMOKE else None)
+    counts = {
+        k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out.splitlines()[-1] if out else "")
+    }
+    failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+    row = {"what": "gpu_tests", "exit_code": code, **counts, "failed_tests": failed}
+    check.emit({**row, "seconds": round(time.monotonic() - started, 1)})
+
+
+def bench(check: Check, what: str, limit: float, flags: list[str]) -> None:
+    """Rows of `python -m capsdist.bench` with these flags, or one row saying why there are none."""
+    code, out = check.run(what, [sys.executable, "-m", "capsdist.bench", "--device", DEVICE, *flags], limit)
+    rows = json_lines(out)
+    for row in rows:
+        check.emit({**row, "stage": what})
+    if code != 0:
+        check.emit({"what": what, "exit_code": code, "rows": len(rows), "error": "see device_check.log"})
+
+
+def bench_stages(check: Check, compiled: bool) -> None:
+    """Train-step rows (eager, or compile and CUDA graphs), then routing and on-device generation rates."""
+    sizes, steps = ([8], ["--steps", "1", "--warmup", "1"]) if SMOKE else ([128, 512, 2048], ["--steps", "10"])
+    if not compiled:
+        for size in sizes:
+            flags = ["--what", "train_step", "--precision", "32,bf16-mixed", "--batch-size", str(size), *steps]
+            bench(check, f"bench_eager_b{size}", 90, flags)
+        bench(
+            check,
+            "bench_routing",
+            60,
+            ["--what", "routing", "--precision", "32,bf16-mixed", "--batch-size", str(sizes[-1]), *steps],
+        )
+        bench(check, "bench_onthefly", 40, ["--what", "onthefly", "--batch-size", "256" if SMOKE else "65536", *steps])
+        return
+    if SMOKE:  # compiling the paper model on the CPU takes minutes; the GPU run measures it
+        check.emit({"what": "bench_compiled", "skipped": "compile and CUDA graphs are measured on the GPU only"})
+        return
+    for size, mode in ((512, "--compile"), (512, "--cuda-graphs"), (2048, "--compile"), (2048, "--cuda-graphs")):
+        flags = ["--what", "train_step", "--precision", "bf16-mixed", "--batch-size", str(size), mode, *steps]
+        bench(check, f"bench{mode[1:].replace('-', '_')}_b{size}", 110, [*flags, "--channels-last"])
+
+
+def curve(metrics_csv: Path) -> list[list[float]]:
+    """[step, epoch, val accuracy, elapsed s or None] for every validation row of a Lightning CSV log."""
+    points = []
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            if row.get("val/acc"):
+                elapsed = float(row["time/elapsed_s"]) if row.get("time/elapsed_s") else None
+                points.append([int(row["step"]), int(row["epoch"]), float(row["val/acc"]), elapsed])
+    return points
+
+
+def train_stage(check: Check, reserve_s: float) -> None:
+    """The paper MNIST model with the project's CLI for the minutes left, then exported and scored as shipped."""
+    run = check.out / "run_mnist"
+    limit = max(60.0, check.left() - reserve_s)
+    seconds = int(limit - 45)  # Lightning's start, the last validation and checkpoint fit in the rest
+    # CapsNet-Keras's recipe (50 epochs, lr x0.9 per epoch) with the paper's model, batch and shifts
+    overrides = shlex.split(
+        f"--trainer.max_epochs {2 if SMOKE else 50} --trainer.max_steps -1"
+        f" --trainer.max_time 00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        f" --model.lr_decay 0.9 --model.lr_decay_steps {EPOCH_STEPS} --model.log_images_every_n_steps 0"
+        f" --data.batch_size {TRAIN_BATCH} --data.num_workers {2 if SMOKE else 8}"
+        f" --data.pin_memory {str(DEVICE == 'cuda').lower()} --trainer.enable_progress_bar false"
+        " --trainer.log_every_n_steps 50 --checkpoint_every_n_steps 0 --wandb_mode disabled"
+    )
+    if SMOKE:
+        overrides += shlex.split(
+            "--model.conv_channels 16 --model.primary_channels 4 --trainer.precision 32"
+            " --data.train_samples 512 --data.val_samples 256"
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "capsdist.train",
+        "fit",
+        "--config",
+        "configs/mnist.yaml",
+        "--trainer.default_root_dir",
+        str(run),
+        *overrides,
+    ]
+    started = time.monotonic()
+    code, out = check.run("train_mnist", argv, limit)
+    wall = round(time.monotonic() - started, 1)
+    summary = (json_lines(out) or [{}])[-1]
+    metrics = sorted(run.glob("csv/version_*/metrics.csv"))
+    points = curve(metrics[-1]) if metrics else []
+    if metrics:
+        (check.out / "train_metrics.csv").write_bytes(metrics[-1].read_bytes())
+    steps = summary.get("global_step", 0)
+    command = "python -m capsdist.train fit --config configs/mnist.yaml " + shlex.join(overrides)
+    row = {
+        "what": "train_mnist",
+        "exit_code": code,
+        "wall_s": wall,
+        "steps": steps,
+        "batch_size": TRAIN_BATCH,
+        "images_per_s_overall": round(steps * TRAIN_BATCH / wall, 1),
+        "val_curve": points,
+        "summary": summary,
+        "command": command,
+    }
+    check.emit(row)
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        check.emit({"what": "pretrained", "skipped": "training left no last.ckpt"})
+        return
+    meta = {
+        "training_command": command,
+        "hardware": check.common["device_name"],
+        "train_wall_s": wall,
+        "epochs_completed": points[-1][1] + 1 if points else None,
+        "torch": torch.__version__,
+    }
+    weights = check.out / "capsnet-mnist.safetensors"
+    argv = [
+        sys.executable,
+        "-m",
+        "capsdist.pretrained",
+        "export",
+        "--ckpt",
+        str(last),
+        "--out",
+        str(weights),
+        "--meta",
+        json.dumps(meta),
+        "--device",
+        DEVICE,
+    ]
+    code, out = check.run("pretrained", argv, 120)
+    for result in json_lines(out):
+        check.emit({"what": "pretrained", **{k: v for k, v in result.items() if k != "training_command"}})
+    if code != 0:
+        check.emit({"what": "pretrained", "exit_code": code, "error": "see device_check.log"})
+
+
+def optional_stages(check: Check) -> list[Callable[[Check], None]]:
+    """Stages beyond the issue's core that run only with time to spare (e.g. chunked-routing memory rows)."""
+    stages = []
+    if (ROOT / "capsdist" / "memory_bench.py").is_file():
+
+        def memory(check: Check) -> None:
+            size = ["--smoke"] if SMOKE else []
+            code, out = check.run(
+                "memory_bench", [sys.executable, "-m", "capsdist.memory_bench", "--device", DEVICE, *size], 90
+            )
+            for row in json_lines(out):
+                check.emit({**row, "stage": "memory_bench"})
+
+        stages.append(memory)
+    return stages
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every stage within the budget; exit 1 if any stage reported a failure."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT") or "device_check_out", help="folder for the results")
+    parser.add_argument("--budget", type=float, default=150 if SMOKE else 540, help="seconds for all stages")
+    parser.add_argument(
+        "--train-reserve",
+        type=float,
+        default=60 if SMOKE else 200,
+        help="seconds kept for the stages after training (export, compiled benchmarks)",
+    )
+    args = parser.parse_args(argv)
+    check = Check(Path(args.out), args.budget)
+    env_stage(check)
+    tests_stage(check)
+    train_stage(check, args.train_reserve)  # the shipped model first: the benchmarks take what is left
+    bench_stages(check, compiled=False)
+    bench_stages(check, compiled=True)
+    for stage in optional_stages(check):
+        stage(check)
+    text = (check.out / "device_check.jsonl").read_text()
+    failures = [r for r in json_lines(text) if r.get("exit_code") not in (None, 0) or r.get("failed")]
+    check.emit({"what": "done", "failures": len(failures), "seconds_left": round(check.left(), 1)})
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
