@@ -33,7 +33,8 @@ STORE_DTYPE = torch.float16
 
 
 def _bad_file(path: Path, why: str) -> CapsdistError:
-    """The one error for an unreadable weights file."""
+    """The one error for an unreadable weights file (one paragraph: the reason's line breaks are folded)."""
+    why = " ".join(why.split())
     return CapsdistError(
         f"{path} is not a capsdist weights file ({why}). Fix: pass a .safetensors written by "
         "`python -m capsdist.pretrained export` (e.g. pretrained/capsnet-mnist.safetensors), or a training "

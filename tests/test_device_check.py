@@ -1,0 +1,43 @@
+"""scripts/device_check.sh in its CPU smoke mode: every stage runs, and what it reports is what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsdist.pretrained import load_weights, mnist_hits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path):
+    env = {**os.environ, "DEVICE_CHECK_SMOKE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        ["bash", "scripts/device_check.sh", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + (tmp_path / "device_check.log").read_text()[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    by_what: dict[str, list[dict]] = {}
+    for row in rows:
+        assert {"what", "device_name", "torch"} <= set(row)
+        by_what.setdefault(row["what"], []).append(row)
+    tests = by_what["gpu_tests"][0]
+    assert tests["exit_code"] == 0 and tests["passed"] >= 6 and not tests["failed_tests"]
+    train = by_what["train_mnist"][0]
+    assert train["exit_code"] == 0 and train["steps"] == 32 and len(train["val_curve"]) == 2
+    assert {(r["precision"], r["impl"]) for r in by_what["train_step"]} >= {("32", "reference"), ("bf16-mixed", "capsdist")}
+    assert by_what["onthefly"][0]["images_per_s"] > 0
+    assert by_what["done"][0]["failures"] == 0
+    # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
+    shipped = by_what["pretrained"][0]
+    model, meta = load_weights(tmp_path / "capsnet-mnist.safetensors")
+    assert meta["global_step"] == train["steps"] and meta["test_correct"] == shipped["test_correct"]
+    assert int(mnist_hits(model, limit=1000).sum()) == meta["first_1000_correct"]
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values())
