@@ -32,7 +32,8 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     assert tests["exit_code"] == 0 and tests["passed"] >= 6 and not tests["failed_tests"]
     train = by_what["train_mnist"][0]
     assert train["exit_code"] == 0 and train["steps"] == 32 and len(train["val_curve"]) == 2
-    assert {(r["precision"], r["impl"]) for r in by_what["train_step"]} >= {("32", "reference"), ("bf16-mixed", "capsdist")}
+    measured = {(r["precision"], r["impl"]) for r in by_what["train_step"]}
+    assert measured >= {("32", "reference"), ("32", "capsdist"), ("bf16-mixed", "capsdist")}
     assert by_what["onthefly"][0]["images_per_s"] > 0
     assert by_what["done"][0]["failures"] == 0
     # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
