@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metad
     meta = {CONFIG_KEY: json.dumps(config), **{k: json.dumps(v) for k, v in metadata.items()}}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files: teammates on a shared filesystem could not read them
     tmp.replace(path)
     return path
 
