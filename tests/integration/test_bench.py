@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from capsdist import bench
+from tests.conftest import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "what",
     "impl",
