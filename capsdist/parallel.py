@@ -21,7 +21,6 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.core.optimizer import LightningOptimizer
-from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
@@ -32,6 +31,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from capsdist.lightning_compat import PrivateFSDPOverrides
 from capsdist.model import CapsLayer, Decoder
 
 __all__ = ["CapsFSDPStrategy", "SlurmRequeue", "capsnet_wrap_policy"]
@@ -42,14 +42,15 @@ def capsnet_wrap_policy() -> ModuleWrapPolicy:
     return ModuleWrapPolicy({CapsLayer, Decoder})
 
 
-class CapsFSDPStrategy(FSDPStrategy):
+class CapsFSDPStrategy(PrivateFSDPOverrides):
     """Lightning's FSDPStrategy with CapsNet's wrap policy and single-file (full) checkpoints, on GPUs and CPUs.
 
     On CUDA this is FSDPStrategy with other defaults. On CPU (gloo) it fills three gaps of Lightning 2.6 / torch
     FSDP1: Lightning rejects FSDP on CPU (its check matches the exact FSDPStrategy type, so this subclass passes);
-    it hands FSDP ``device_id=None``, which FSDP refuses without an accelerator, so the model is wrapped here with
-    the CPU device; and its full state-dict context offloads to CPU, which on a CPU device frees the storage the
-    returned tensors point to (a segfault while cloning), so checkpoints are gathered without offload.
+    it hands FSDP ``device_id=None``, which FSDP refuses without an accelerator, so the model is wrapped with the
+    CPU device (in ``capsdist.lightning_compat.PrivateFSDPOverrides``); and its full state-dict context offloads
+    to CPU, which on a CPU device frees the storage the returned tensors point to (a segfault while cloning), so
+    checkpoints are gathered without offload.
     Mixed precision on CPU: Lightning's FSDP precision autocasts on CUDA only, so use ``precision: 32`` there.
     """
 
@@ -58,20 +59,6 @@ class CapsFSDPStrategy(FSDPStrategy):
         super().__init__(
             auto_wrap_policy=auto_wrap_policy or capsnet_wrap_policy(), state_dict_type=state_dict_type, **kwargs
         )
-
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """On CPU, wrap with an explicit CPU ``device_id``; Lightning then keeps the already-wrapped model."""
-        if self.root_device.type == "cpu" and not isinstance(model, FSDP):
-            model = FSDP(
-                model,
-                cpu_offload=self.cpu_offload,
-                mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy,
-                device_id=self.root_device,
-                **self.kwargs,
-            )
-            self.kwargs.pop("auto_wrap_policy", None)  # applied; Lightning would warn it is ignored
-        return super()._setup_model(model)
 
     def _cpu_full_state_dict(self) -> AbstractContextManager[Any] | None:
         """A full (rank-0) state-dict context without CPU offload when running on CPU, else None."""

@@ -1,23 +1,136 @@
-"""Shared pytest fixtures."""
+"""Shared test settings, fixtures and checks: tiny models, the shipped MNIST, small shard sets, the SLURM cluster.
+
+Markers (registered in pyproject.toml): ``slow`` (minutes-long runs), ``slurm`` (needs the SLURM packages that
+scripts/install_slurm.sh installs), ``gpu`` (needs CUDA; skipped without it).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from tests.slurm_cluster import SlurmCluster, ensure_installed
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "data" / "mnist"
+
+# A tiny CapsNet for the training CLI, as flags ...
+TINY = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+    "--model.conv_channels=32",
+    "--model.primary_channels=8",
+    "--model.caps_layers=[[10, 8]]",
+    "--model.decoder_hidden=[64, 128]",
+    "--model.lr=0.003",
+    "--data.source=mnist",
+    "--data.batch_size=32",
+    "--data.num_workers=0",
+]
+# ... an even smaller one as a config's model section (subprocess runs, many ranks) ...
+TINY_MODEL = {
+    "conv_channels": 8,
+    "primary_channels": 4,
+    "primary_dim": 4,
+    "decoder_hidden": [16, 32],
+    "log_images_every_n_steps": 0,
+}
+# ... and as CapsNet arguments for the model's unit tests.
+TINY_NET = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(32, 48))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m ...` subprocesses: this checkout importable (not an installed copy)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 1) -> Path:
+    """Write ``count`` MultiMNIST samples of ``split`` from the shipped MNIST as shards of ``shard_size``."""
+    from data_prep.multimnist import generate
+
+    plan = {"split": split, "per_digit": None, "num_samples": count, "shard_size": shard_size, "seed": seed}
+    generate(SHIPPED, out, plan, workers=1)
+    return out
+
+
+def u8(x: torch.Tensor) -> torch.Tensor:
+    """Back to integer pixel values."""
+    return (x * 255).round().to(torch.int16)
+
+
+def check_format(batch: dict[str, torch.Tensor], b: int, k: int, size: int) -> None:
+    """The contract's batch dict: keys, shapes, dtypes, value range."""
+    assert set(batch) == {"image", "labels", "recon"}
+    assert batch["image"].shape == (b, 1, size, size) and batch["image"].dtype == torch.float32
+    assert batch["labels"].shape == (b, k) and batch["labels"].dtype == torch.int64
+    assert batch["recon"].shape == (b, k, 1, size, size) and batch["recon"].dtype == torch.float32
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1 and batch["image"].max() > 0.9
+
+
+def check_multimnist(batch: dict[str, torch.Tensor]) -> None:
+    """input = clip(digit0 + digit1), labels differ, each digit lies wholly inside the 36x36 canvas."""
+    x, r = u8(batch["image"][:, 0]), u8(batch["recon"][:, :, 0])
+    assert torch.equal(x, (r[:, 0] + r[:, 1]).clamp(max=255))
+    assert (batch["labels"][:, 0] != batch["labels"][:, 1]).all()
+
+
+def epoch_batches(loader: Any, epoch: int, state: dict[str, int] | None = None) -> list[dict]:
+    """All batches of one epoch, optionally resumed from a loader state."""
+    loader.set_epoch(epoch)
+    if state:
+        loader.load_state_dict(state)
+    return list(loader)
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    """Batch lists equal tensor for tensor."""
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A real single-host SLURM cluster (see tests/slurm_cluster.py), started once per session."""
-    reason = ensure_installed()
+def test_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 600 images of the shipped MNIST test split."""
+    from capsdist.data import mnist
+
+    images, labels = mnist.load(SHIPPED, "test")
+    return torch.from_numpy(images[:600]), torch.from_numpy(labels[:600]).long()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 MultiMNIST test samples in uneven shards of 30, 30, 30, 10 (with manifest.json)."""
+    return make_shards(tmp_path_factory.mktemp("shards"), "test", 100, 30)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real single-host SLURM cluster (see tests/slurm_cluster.py), started once per session.
+
+    The packages come from scripts/install_slurm.sh (a step of .ci/run); this fixture never installs anything.
+    """
+    from tests.slurm_cluster import SlurmCluster, missing_reason
+
+    reason = missing_reason()
     if reason is not None:
         if os.environ.get("CI"):
-            pytest.fail(f"SLURM must run in CI: {reason}")
-        pytest.skip(reason)
+            pytest.fail(f"SLURM must run in CI: {reason}. Fix: run `bash scripts/install_slurm.sh` first.")
+        pytest.skip(f"{reason}; install with `bash scripts/install_slurm.sh`")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()

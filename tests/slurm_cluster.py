@@ -47,23 +47,10 @@ def _exe(name: str) -> str:
     return _which(name) or name
 
 
-def ensure_installed() -> str | None:
-    """Install the Debian packages the cluster needs if any is missing; return why not, or None on success."""
+def missing_reason() -> str | None:
+    """Why the cluster cannot start here (packages missing), or None; scripts/install_slurm.sh installs them."""
     missing = [pkg for pkg, exe in PACKAGES.items() if _which(exe) is None]
-    if not missing:
-        return None
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return f"SLURM packages {missing} are missing and cannot be installed here (needs root and apt-get)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-    ):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            return f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
-    still = [pkg for pkg, exe in PACKAGES.items() if _which(exe) is None]
-    return f"packages installed but executables still missing: {still}" if still else None
+    return f"SLURM packages {missing} are not installed" if missing else None
 
 
 def free_port() -> int:

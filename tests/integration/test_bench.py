@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from capsdist import bench
+from tests.conftest import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "what",
     "impl",
@@ -104,3 +103,12 @@ def test_data_rows_report_samples_per_second(capsys):
     assert all(row.keys() >= KEYS and row["images_per_s"] > 0 and row["image_size"] == 36 for row in rows)
     assert rows[2]["batch_size"] == 8
     assert torch.get_num_threads() == threads  # the shard benchmark's one-thread pin does not leak
+
+
+@pytest.mark.gpu
+def test_cuda_rows_the_gpu_script_uses(capsys):
+    """The colleague's GPU command line, one quick step: model and on-device generation rows on CUDA."""
+    argv = "--device cuda --what train_step,onthefly --precision bf16-mixed --batch-size 8 --steps 1 --warmup 0"
+    bench.main([*argv.split(), "--channels-last"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["device"] for r in rows} == {"cuda"} and all(r["images_per_s"] > 0 for r in rows)

@@ -1,7 +1,7 @@
 """The MultiMNIST recipe (Sabour et al. 2017), as device-agnostic batched torch ops.
 
-One implementation of the geometry, shared by the shard writer (``data_prep.multimnist``), the on-the-fly
-dataset and the on-device generator (``capsdist.data``): two digits of different classes from the same split,
+One implementation of the geometry, shared by the shard writer (``capsdist.data.shard_plan``), the on-the-fly
+dataset and the on-device generator (``capsdist.data.device``): two digits of different classes from the same split,
 each placed with its 28x28 top-left corner at a row/column offset in 0..8 of a 36x36 canvas (a shift of up to
 4 px each way, never cropped), summed pixel-wise and clipped to 255. The MNIST augmentation (shift of up to
 2 px with zero padding) is the same placement on a 32x32 canvas, cropped back to 28x28.

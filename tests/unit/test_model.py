@@ -5,8 +5,7 @@ import torch
 
 from capsdist.losses import capsnet_loss, margin_loss, reconstruction_loss
 from capsdist.model import CapsLayer, CapsNet
-
-TINY = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(32, 48))
+from tests.conftest import TINY_NET
 
 
 def count(module: torch.nn.Module) -> int:
@@ -29,7 +28,7 @@ def test_multimnist_model_size():
 
 @pytest.mark.parametrize("size,k", [(28, 1), (36, 2)])
 def test_forward_shapes(size, k):
-    model = CapsNet(image_size=size, **TINY)
+    model = CapsNet(image_size=size, **TINY_NET)
     x = torch.rand(3, 1, size, size)
     labels = torch.tensor([[1, 2], [3, 4], [5, 6]])[:, :k]
     out = model(x, labels)
@@ -69,7 +68,7 @@ def test_priors_equal_broadcast_matmul():
 
 def test_decoder_masks_by_labels_in_training_and_longest_at_test():
     torch.manual_seed(0)
-    model = CapsNet(**TINY).eval()
+    model = CapsNet(**TINY_NET).eval()
     x = torch.rand(2, 1, 28, 28)
     out = model(x, k=2)
     top2 = out.lengths.topk(2, dim=1).indices
@@ -99,13 +98,13 @@ def test_reconstruction_and_total_loss():
     recon = torch.full((2, 1, 1, 2, 2), 0.5)
     target = torch.zeros(2, 1, 1, 2, 2)
     assert torch.isclose(reconstruction_loss(recon, target), torch.tensor(1.0))  # 4 pixels * 0.25
-    out = CapsNet(**TINY)(torch.rand(2, 1, 28, 28), torch.tensor([[1], [2]]))
+    out = CapsNet(**TINY_NET)(torch.rand(2, 1, 28, 28), torch.tensor([[1], [2]]))
     total, margin, rec = capsnet_loss(out, torch.tensor([[1], [2]]), torch.rand(2, 1, 1, 28, 28))
     assert torch.isclose(total, margin + 0.0005 * rec)
 
 
 def test_gradients_reach_every_part():
-    model = CapsNet(**TINY)
+    model = CapsNet(**TINY_NET)
     x = torch.rand(4, 1, 28, 28)
     labels = torch.tensor([[1], [2], [3], [4]])
     total, _, _ = capsnet_loss(model(x, labels), labels, x.unsqueeze(1))
@@ -117,7 +116,7 @@ def test_gradients_reach_every_part():
 
 def test_bf16_autocast_close_to_fp32():
     torch.manual_seed(0)
-    model = CapsNet(**TINY)
+    model = CapsNet(**TINY_NET)
     x = torch.rand(4, 1, 28, 28)
     ref = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -129,7 +128,7 @@ def test_bf16_autocast_close_to_fp32():
 
 def test_fp16_autocast_large_inputs_stay_finite():
     torch.manual_seed(0)
-    model = CapsNet(**TINY)
+    model = CapsNet(**TINY_NET)
     x = torch.rand(2, 1, 28, 28) * 1e4
     labels = torch.tensor([[3], [7]])
     with torch.autocast("cpu", dtype=torch.float16):

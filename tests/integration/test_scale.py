@@ -19,17 +19,10 @@ import torch
 import yaml
 
 from data_prep import multimnist
+from tests.conftest import REPO, TINY_MODEL
 from tests.slurm_cluster import SlurmCluster, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH, STEPS_PER_EPOCH, MAX_STEPS, PAUSE_AT = 4, 6, 12, 9  # preempted mid-way through the second epoch
-TINY_MODEL = {
-    "conv_channels": 8,
-    "primary_channels": 4,
-    "primary_dim": 4,
-    "decoder_hidden": [16, 32],
-    "log_images_every_n_steps": 0,
-}
 # 2 ranks x BATCH samples x STEPS_PER_EPOCH batches of MNIST per epoch; 2 validation batches per rank.
 SLURM_CONFIG = {
     "seed_everything": 0,
@@ -78,6 +71,7 @@ def _job_log(tmp: Path, name: str, job: int) -> str:
     return (tmp / f"{name}-{job}.out").read_text(errors="replace")[-4000:]
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("template", ["single_node.sbatch", "multi_node.sbatch"])
 def test_templates_accepted_by_slurmctld(slurm_cluster: SlurmCluster, template: str) -> None:
     """Both templates parse and schedule (``sbatch --test-only``, sized down to this one CPU node) and carry
@@ -106,6 +100,8 @@ def uninterrupted(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPath
     return {"job": job, "tmp": tmp, "sacct": slurm_cluster.sacct(job), "records": _records(out)}
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dict) -> None:
     """The template's 2-task job ends COMPLETED, both ranks at MAX_STEPS with the same parameters."""
     print("\n".join(["sacct:", *uninterrupted["sacct"]]))
@@ -122,6 +118,8 @@ def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dic
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # one W&B run: rank 0 logs
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_without_losing_samples(
     slurm_cluster: SlurmCluster, uninterrupted: dict, tmp_path: Path
 ) -> None:
@@ -161,6 +159,7 @@ def _torchrun_node(rank: int, port: int, config: Path, probe: Path, log: Path) -
     return subprocess.Popen(cmd, env=_env(), cwd=config.parent, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_read_disjoint_shards(tmp_path: Path) -> None:
     """2 nodes x 1 process on loopback, 3 shards (not divisible by 2): equal batch counts, disjoint samples."""
     for split in ("train", "val"):
@@ -190,6 +189,7 @@ def test_two_torchrun_nodes_read_disjoint_shards(tmp_path: Path) -> None:
     assert not set(ranks[0]["val"]) & set(ranks[1]["val"])  # validation shards split by rank: disjoint
 
 
+@pytest.mark.slow
 def test_fsdp_two_cpu_processes_large_config_reloads_in_one_process(tmp_path: Path) -> None:
     """configs/large.yaml under CapsFSDPStrategy (gloo, shrunk), then its full checkpoint in a plain module."""
     cmd = [sys.executable, "-m", "capsdist.train", "fit", "--config", str(REPO / "configs" / "large.yaml"),

@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import mnist, multimnist
-
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "data" / "mnist"
+from capsdist.data import mnist
+from data_prep import mnist as mnist_cli
+from data_prep import multimnist
+from tests.conftest import REPO, SHIPPED
 
 
 def _write_idx(path: Path, magic: int, dims: list[int], payload: bytes) -> None:
@@ -92,7 +92,7 @@ def test_download_all_mirrors_fail_names_fix(http_root: tuple[str, Path], tmp_pa
 
 def test_cli_from_installs_and_verifies(tmp_path: Path) -> None:
     """`--from` verifies local files and installs them into --dir."""
-    assert mnist.main(["--from", str(SHIPPED), "--dir", str(tmp_path)]) == 0
+    assert mnist_cli.main(["--from", str(SHIPPED), "--dir", str(tmp_path)]) == 0
     mnist.verify(tmp_path)
 
 

@@ -1,0 +1,5 @@
+"""`python -m capsdist.bench`: see capsdist.bench.cli."""
+
+from capsdist.bench.cli import main
+
+main()

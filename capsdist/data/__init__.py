@@ -1,0 +1,47 @@
+"""All runtime data for capsdist: MNIST, MultiMNIST on the fly or on the device, WebDataset shards, DataModules.
+
+One job per module, imported in one direction (``data_prep`` imports these, never the other way round):
+
+  - ``batch``: the batch contract every loader yields, ``DataError``, seed namespaces, worker placement.
+  - ``mnist``: find, download, verify and read the four official IDX files.
+  - ``recipe``: the MultiMNIST overlay and the MNIST shift, as device-agnostic batched torch ops.
+  - ``streams``: in-memory streams (MNIST, MultiMNIST on the fly); ``device``: MultiMNIST composed on a GPU.
+  - ``shard_format``: the shard format (keys, geometry, version, encoder, decoder); ``shard_plan``: which samples
+    a shard holds; ``shards``: the shard reader (the only importer of webdataset).
+  - ``loader``: ``ResumableLoader`` and its checked resume state; ``modules``: one LightningDataModule per source.
+
+Names are exported lazily, so ``import capsdist.data.mnist`` pulls in neither Lightning nor webdataset.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Batch": "batch",
+    "DataError": "batch",
+    "to_batch": "batch",
+    "BatchStream": "streams",
+    "MnistStream": "streams",
+    "OnTheFlyMultiMnist": "streams",
+    "DeviceMultiMnist": "device",
+    "ResumableLoader": "loader",
+    "ShardStream": "shards",
+    "SkipCounter": "shards",
+    "expand_shards": "shards",
+    "manifest_total": "shard_format",
+    "BaseData": "modules",
+    "MnistData": "modules",
+    "OnTheFlyData": "modules",
+    "ShardData": "modules",
+    "CapsDataModule": "modules",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,44 @@
+"""The batch contract every loader yields, the data error type, seed namespaces and the worker placement helper.
+
+Batch = ``{"image": f32 [B,1,H,W], "labels": i64 [B,K], "recon": f32 [B,K,1,H,W]}``, values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import get_worker_info
+
+from capsdist import CapsdistError
+from capsdist.data import recipe
+
+Batch = dict[str, torch.Tensor]
+
+# seed-key namespaces, so no two random streams share a seed
+PERM, SHIFT, ONTHEFLY, ONTHEFLY_VAL, SHARDS, SHUFFLE = range(11, 17)
+
+
+class DataError(CapsdistError, ValueError):
+    """Bad data configuration (no shards, missing files, impossible epoch length); the message names the fix."""
+
+
+def to_batch(image: torch.Tensor, labels: torch.Tensor, recon: torch.Tensor) -> Batch:
+    """Contract batch dict from uint8 images [B,H,W], long labels [B,K] and uint8 recon targets [B,K,H,W]."""
+    return {
+        "image": image.unsqueeze(1).float().div_(255),
+        "labels": labels.long(),
+        "recon": recon.unsqueeze(2).float().div_(255),
+    }
+
+
+def multimnist_from_draw(
+    images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
+) -> Batch:
+    """Compose drawn pairs into a MultiMNIST batch on the device ``images`` live on."""
+    overlay, placed = recipe.compose(images, indices, offsets)
+    return to_batch(overlay, labels[indices], placed)
+
+
+def worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader process, (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)

@@ -1,0 +1,108 @@
+"""``ResumableLoader``: a DataLoader over a batch stream whose position in the epoch is checkpointed.
+
+State (``state_dict``) = ``{"version": 1, "epoch", "batches", "world_size", "num_workers"}``: the batches handed
+out this epoch, and the placement they were counted under. Lightning 2.6 stores it in checkpoints
+(``fit_loop.on_save_checkpoint`` -> ``CombinedLoader._state_dicts``) and on restart calls ``load_state_dict`` in
+``FitLoop.setup_data`` *before* ``iter()``; the next ``iter()`` then starts at batch ``batches`` if the epoch
+matches, else at 0. The epoch is read at ``iter()`` time (``epoch_fn``, e.g. the trainer's restored
+``current_epoch``); workers are not persistent, so each epoch's seeds reach fresh workers. The train loader has a
+length, so Lightning does not prefetch past the batch it trains on: ``batches`` is exactly the number of batches
+trained on when the checkpoint was written.
+
+When a resume is exact (anything else is refused by ``load_state_dict`` with a ``DataError``):
+  - the world size must be the one the state was taken with (each rank's share of the data depends on it);
+  - in-memory streams (MNIST, MultiMNIST on the fly) are exact for any ``num_workers``: batch ``j`` is a pure
+    function of (seed, epoch, rank, j), whichever worker makes it;
+  - shard streams need the same ``num_workers``: each worker's shard draws and shuffle are seeded per worker.
+  A state without ``version`` (written before the check existed) is accepted unchecked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from capsdist.data.batch import Batch, DataError
+
+STATE_VERSION = 1
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over a stream: batching in the stream, epoch from a callback, mid-epoch resumable state."""
+
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        num_workers: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
+        self._pending: dict[str, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch to use when no ``epoch_fn`` is given."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Iterate the epoch, starting after the batches recorded by ``load_state_dict`` if it is the same epoch."""
+        epoch = self.epoch_fn() if self.epoch_fn else self.epoch
+        pending, self._pending = self._pending, None
+        start = pending["batches"] if pending and pending["epoch"] == epoch else 0
+        self.dataset.epoch, self.dataset.start = epoch, start
+        self.epoch, self.batches = epoch, start
+        total = getattr(self.dataset, "num_batches", None)
+        for batch in islice(super().__iter__(), None if total is None else max(0, total - start)):
+            self.batches += 1
+            yield batch
+
+    def _world_size(self) -> int:
+        """The world size the stream splits the data for."""
+        return int(getattr(self.dataset, "world_size", 1))
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current epoch stands, and the placement (world size, workers) it was counted under."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "world_size": self._world_size(),
+            "num_workers": self.num_workers,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` at the next ``iter()``; refuse a state this loader cannot resume exactly."""
+        version = state.get("version")
+        if version is not None:
+            self._check(state, int(version))
+        self._pending = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def _check(self, state: dict[str, Any], version: int) -> None:
+        """Raise DataError unless resuming ``state`` here reproduces the interrupted run batch for batch."""
+        if version != STATE_VERSION:
+            raise DataError(
+                f"the checkpoint's data-loader state has version {version}; this capsdist reads version "
+                f"{STATE_VERSION}. Fix: resume with the capsdist version that wrote the checkpoint, or start a "
+                "fresh run (load only the weights) instead of --ckpt_path."
+            )
+        kind = type(self.dataset).__name__
+        if state["world_size"] != self._world_size():
+            raise DataError(
+                f"the checkpoint was taken at world size {state['world_size']} and this run has "
+                f"{self._world_size()}: each rank's share of the {kind} data depends on it, so the resumed epoch "
+                f"would not continue where it stopped. Fix: resume with {state['world_size']} processes in all "
+                "(trainer.devices x trainer.num_nodes), or start a fresh run instead of --ckpt_path."
+            )
+        needs_workers = getattr(self.dataset, "resume_needs_same_workers", True)
+        if needs_workers and state["num_workers"] != self.num_workers:
+            raise DataError(
+                f"the checkpoint was taken with num_workers={state['num_workers']} and this run has "
+                f"num_workers={self.num_workers}: {kind} seeds its shard draws and shuffle per worker, so the "
+                f"resumed epoch would not continue where it stopped. Fix: resume with "
+                f"--data.num_workers {state['num_workers']}, or start a fresh run instead of --ckpt_path."
+            )

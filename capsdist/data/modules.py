@@ -1,0 +1,337 @@
+"""LightningDataModules, one per source, on a small shared base; ``CapsDataModule`` is the CLI's entry.
+
+  - ``MnistData`` (``source: mnist``): the IDX arrays in memory, the paper's augmentation (shift of up to
+    ``max_shift`` px, zero padded); recon = the shifted image. Validation = the official 10k test split, unshifted.
+  - ``OnTheFlyData`` (``source: multimnist_onthefly``): pairs drawn from the MNIST train split (validation: a fixed
+    stream from the test split); ``generate_on_device=True`` makes workers ship only indices/offsets and composes
+    on the GPU in ``on_after_batch_transfer`` (same samples, no CPU image work).
+  - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``).
+
+``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working (``data.source: mnist``,
+``--data.batch_size 64``): it takes the union of the settings and returns the source's module, built from the
+settings that module has (the others are meaningless for that source and ignored, as ``train_shards`` for MNIST).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import IterableDataset
+
+from capsdist.data import mnist, recipe
+from capsdist.data.batch import Batch, DataError
+from capsdist.data.device import DeviceMultiMnist
+from capsdist.data.loader import ResumableLoader
+from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
+
+Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
+
+
+class BaseData(pl.LightningDataModule):
+    """What every source shares: batch size, workers, seed, epoch lengths, rank placement, loader construction."""
+
+    source: ClassVar[str]
+    image_size: ClassVar[int] = recipe.CANVAS  # input height/width, known before setup (for link_arguments)
+    num_targets: ClassVar[int] = 2  # digits per image (K)
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        seed: int = 0,
+        train_batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        """Settings of every source (subclasses document them)."""
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
+        self.train_batches_per_epoch, self.val_batches = train_batches_per_epoch, val_batches
+
+    def _save(self) -> None:
+        """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
+        self.save_hyperparameters(ignore=[], frame=inspect.currentframe().f_back)
+        self.hparams["source"] = self.source
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) from the trainer, (0, 1) without one."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _stream_args(self) -> dict[str, int]:
+        """Seed and rank placement shared by every stream of this module."""
+        rank, world = self._rank()
+        return {"seed": self.seed, "rank": rank, "world_size": world}
+
+    def _epoch(self) -> int:
+        """The trainer's current epoch (restored on resume), 0 without a trainer."""
+        return self.trainer.current_epoch if self.trainer else 0
+
+    def _stream_batches(self, samples: int | None, default: int, rank_batches: int | None) -> int:
+        """Batches per rank per epoch: explicit, else samples / (world * batch)."""
+        if rank_batches:
+            return rank_batches
+        return (samples or default) // (self._rank()[1] * self.batch_size)
+
+    def _loader(self, dataset: IterableDataset, train: bool) -> ResumableLoader:
+        """A ResumableLoader with this module's worker settings (training reads the epoch from the trainer)."""
+        return ResumableLoader(dataset, self.num_workers, self._epoch if train else None, self.pin_memory)
+
+
+class _MnistArrays(BaseData):
+    """Base of the sources that read MNIST into memory."""
+
+    mnist_dir: str | None
+    _train_cap: int | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the train and test splits once (the train split capped to ``_train_cap`` images)."""
+        if getattr(self, "_splits", None):
+            return
+        folder = mnist.resolve_dir(self.mnist_dir)
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for split, cap in (("train", self._train_cap), ("test", None)):
+            images, labels = mnist.load(folder, split)
+            self._splits[split] = (torch.from_numpy(images[:cap]), torch.from_numpy(labels[:cap]).long())
+
+
+class MnistData(_MnistArrays):
+    """MNIST digits for CapsNet training (one target per image, 28x28)."""
+
+    source = "mnist"
+    image_size = recipe.DIGIT
+    num_targets = 1
+
+    def __init__(
+        self,
+        mnist_dir: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        train_batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        max_shift: int = 2,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        """MNIST from memory.
+
+        Args:
+            mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
+            batch_size: samples per batch per rank.
+            num_workers: DataLoader worker processes per rank.
+            train_batches_per_epoch: batches per rank per epoch (default: all full batches of this rank's share).
+            val_batches: cap on validation batches per rank.
+            train_samples: use only the first N training images.
+            val_samples: use only the first N test images.
+            max_shift: random shift of up to this many pixels (paper: 2; 0 disables).
+            seed: base seed of every random stream (combined with epoch, rank and batch).
+            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        """
+        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
+        self._save()
+        self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
+        self.max_shift, self._train_cap = max_shift, train_samples
+
+    def train_dataloader(self) -> ResumableLoader:
+        """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
+        images, labels = self._splits["train"]
+        stream = MnistStream(
+            images, labels, self.batch_size, True, max_shift=self.max_shift,
+            num_batches=self.train_batches_per_epoch, **self._stream_args(),
+        )  # fmt: skip
+        return self._loader(stream, train=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """This rank's share of the test split, unshifted."""
+        images, labels = self._splits["test"]
+        cap = slice(None, self.val_samples)
+        stream = MnistStream(
+            images[cap], labels[cap], self.batch_size, False, num_batches=self.val_batches, **self._stream_args()
+        )
+        return self._loader(stream, train=False)
+
+
+class OnTheFlyData(_MnistArrays):
+    """MultiMNIST overlays drawn on the fly from MNIST in memory (36x36, two targets), no shards."""
+
+    source = "multimnist_onthefly"
+
+    def __init__(
+        self,
+        mnist_dir: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        train_batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        seed: int = 0,
+        generate_on_device: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        """MultiMNIST on the fly.
+
+        Args:
+            mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
+            batch_size: samples per batch per rank.
+            num_workers: DataLoader worker processes per rank.
+            train_batches_per_epoch: batches per rank per epoch (default: train_samples / (world * batch_size)).
+            val_batches: validation batches per rank (default: val_samples / (world * batch_size)).
+            train_samples: samples per epoch, all ranks together (default: the size of the MNIST train split).
+            val_samples: validation samples, all ranks together (default 10000).
+            seed: base seed of every random stream (combined with epoch, rank and batch).
+            generate_on_device: workers draw indices/offsets, the images are composed on the batch's device (GPU).
+            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        """
+        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
+        self._save()
+        self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
+        self.generate_on_device = generate_on_device
+        self._device_gen: DeviceMultiMnist | None = None
+
+    def train_dataloader(self) -> ResumableLoader:
+        """This rank's training stream of fresh overlays (fixed length, resumable)."""
+        images, labels = self._splits["train"]
+        n = self._stream_batches(self.train_samples, len(labels), self.train_batches_per_epoch)
+        stream = OnTheFlyMultiMnist(
+            images, labels, self.batch_size, n, draw_only=self.generate_on_device, **self._stream_args()
+        )
+        return self._loader(stream, train=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """A fixed stream of test-split overlays (the same samples every epoch)."""
+        images, labels = self._splits["test"]
+        n = self._stream_batches(self.val_samples, 10000, self.val_batches)
+        stream = OnTheFlyMultiMnist(images, labels, self.batch_size, n, train=False, **self._stream_args())
+        return self._loader(stream, train=False)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """With generate_on_device, compose drawn training pairs on the batch's device (validation comes composed)."""
+        if "indices" not in batch:
+            return batch
+        device = batch["indices"].device
+        if self._device_gen is None or self._device_gen.images.device != device:
+            self._device_gen = DeviceMultiMnist(*self._splits["train"], device, self.seed)
+        return self._device_gen.compose(batch)
+
+
+class ShardData(BaseData):
+    """MultiMNIST from WebDataset shards written by ``python -m data_prep.multimnist`` (36x36, two targets)."""
+
+    source = "multimnist_shards"
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        shuffle_buffer: int = 2000,
+        train_batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
+        train_samples: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        """MultiMNIST shards.
+
+        Args:
+            train_shards: training shards (paths, directories, brace patterns, URLs, pipe:).
+            val_shards: validation shards, read once per validation.
+            batch_size: samples per batch per rank.
+            num_workers: DataLoader worker processes per rank (a resume needs the same number).
+            shuffle_buffer: samples in each shard worker's shuffle buffer.
+            train_batches_per_epoch: batches per rank per epoch (default: from train_samples or manifest.json).
+            val_batches: cap on validation batches per rank.
+            train_samples: samples per epoch, all ranks together (default: the manifest's total).
+            seed: base seed of every random stream (combined with epoch, rank and worker).
+            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        """
+        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
+        self._save()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.shuffle_buffer, self.train_samples = shuffle_buffer, train_samples
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
+        from capsdist.data.shard_format import manifest_total
+        from capsdist.data.shards import ShardStream, expand_shards  # webdataset only on this path
+
+        urls = expand_shards(self.train_shards)
+        total = self.train_samples or manifest_total(urls)
+        if not (self.train_batches_per_epoch or total):
+            raise DataError(
+                "cannot size a shard epoch: no manifest.json beside the shards. "
+                "Fix: set train_batches_per_epoch (or train_samples)."
+            )
+        n = self._stream_batches(total, 0, self.train_batches_per_epoch)
+        stream = ShardStream(
+            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n, **self._stream_args()
+        )
+        return self._loader(stream, train=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """One exact pass over the validation shards, split by rank then worker."""
+        from capsdist.data.shards import ShardStream, expand_shards
+
+        urls = expand_shards(self.val_shards)
+        stream = ShardStream(urls, self.batch_size, False, num_batches=self.val_batches, **self._stream_args())
+        return self._loader(stream, train=False)
+
+
+SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData)}
+
+
+class CapsDataModule(BaseData):
+    """The CLI's data section: ``source`` picks MnistData, ShardData or OnTheFlyData; returns an instance of it."""
+
+    def __new__(
+        cls,
+        source: Source = "mnist",
+        mnist_dir: str | None = None,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        shuffle_buffer: int = 2000,
+        train_batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        max_shift: int = 2,
+        seed: int = 0,
+        generate_on_device: bool = False,
+        pin_memory: bool = False,
+    ) -> BaseData:  # type: ignore[misc]
+        """Data for one run: the source's module, built from the settings it has (the rest do not apply to it).
+
+        Args:
+            source: "mnist" (MnistData), "multimnist_shards" (ShardData) or "multimnist_onthefly" (OnTheFlyData).
+            mnist_dir: mnist, on-the-fly: MNIST folder (default: $CAPSDIST_MNIST_DIR, data/mnist, a download).
+            train_shards: shards: training shards (paths, directories, brace patterns, URLs, pipe:).
+            val_shards: shards: validation shards.
+            batch_size: samples per batch per rank.
+            num_workers: DataLoader worker processes per rank.
+            shuffle_buffer: shards: samples in each shard worker's shuffle buffer.
+            train_batches_per_epoch: batches per rank per epoch (default: derived from the data size).
+            val_batches: cap on validation batches per rank.
+            train_samples: mnist: use only the first N training images; streams: N samples per epoch (all ranks).
+            val_samples: mnist: first N test images; on-the-fly: N validation samples (default 10000).
+            max_shift: mnist: random shift of up to this many pixels (paper: 2; 0 disables).
+            seed: base seed of every random stream (combined with epoch, rank and batch/worker).
+            generate_on_device: on-the-fly: workers draw indices/offsets, the images are composed on the GPU.
+            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        """
+        settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
+        if source not in SOURCES:
+            raise DataError(f"unknown source {source!r}. Fix: mnist, multimnist_shards or multimnist_onthefly.")
+        if generate_on_device and source != "multimnist_onthefly":
+            raise DataError("generate_on_device needs source=multimnist_onthefly.")
+        target = SOURCES[source]
+        known = inspect.signature(target.__init__).parameters
+        return target(**{k: v for k, v in settings.items() if k in known})
+

@@ -1,0 +1,177 @@
+"""The MultiMNIST shard format, in one place: sample keys, image geometry, format version, encoder and decoder.
+
+A shard is a ustar tar; each sample ``KEY`` holds ``KEY.input.png`` (36x36 overlay), ``KEY.digit0.png`` /
+``KEY.digit1.png`` (each digit alone on its canvas, 8-bit grayscale PNG) and ``KEY.meta.json``
+``{"labels": [l0, l1], "indices": [i0, i1], "offsets": [[r0, c0], [r1, c1]]}``, so
+``input = clip(digit0 + digit1, 0, 255)`` exactly. PNG and JSON only: nothing decodes with pickle. Members carry
+fixed metadata (mtime 0, uid/gid 0, mode 0644, sorted), so equal samples give byte-identical shards.
+``manifest.json`` beside the shards records ``params.format`` = ``FORMAT``; the reader refuses any other value.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from capsdist.data import recipe
+from capsdist.data.batch import Batch, DataError, to_batch
+
+FORMAT = "capsdist-multimnist-v1"
+KNOWN_FORMATS = (FORMAT,)
+MANIFEST = "manifest.json"
+IMAGE_KEYS = ("input.png", "digit0.png", "digit1.png")
+META_KEY = "meta.json"
+CANVAS = recipe.CANVAS  # every PNG is CANVAS x CANVAS, 8-bit grayscale
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def read_manifest(urls: Sequence[str]) -> dict[str, Any] | None:
+    """The manifest.json beside local shards (format version checked), or None when there is none (URLs, pipes)."""
+    path = Path(urls[0]).parent / MANIFEST if Path(urls[0]).is_file() else None
+    if path is None or not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    found = manifest.get("params", {}).get("format")
+    if found not in KNOWN_FORMATS:
+        raise DataError(
+            f"{path} says the shards are in format {found!r}, but this capsdist reads only {KNOWN_FORMATS}. "
+            "Fix: rewrite the shards with this version's `python -m data_prep.multimnist --out DIR ...`, or use "
+            "the capsdist version that wrote them."
+        )
+    return manifest
+
+
+def manifest_total(urls: Sequence[str]) -> int | None:
+    """Total samples listed in the manifest.json beside local shards, or None when there is none."""
+    manifest = read_manifest(urls)
+    if manifest is None:
+        return None
+    names = {Path(u).name for u in urls}
+    return sum(s["count"] for s in manifest["shards"] if s["name"] in names)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+@dataclass
+class Shard:
+    """One generated shard, in memory."""
+
+    start: int
+    overlay: torch.Tensor  # uint8 [n, 36, 36]
+    placed: torch.Tensor  # uint8 [n, 2, 36, 36]
+    indices: torch.Tensor  # long [n, 2]
+    labels: torch.Tensor  # long [n, 2]
+    offsets: torch.Tensor  # long [n, 2, 2]
+
+
+def png(array: np.ndarray) -> bytes:
+    """Encode an 8-bit grayscale array as PNG with fixed settings (deterministic bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def samples(shard: Shard) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a shard, extensions sorted."""
+    overlay, placed = shard.overlay.numpy(), shard.placed.numpy()
+    for i in range(len(overlay)):
+        meta = {
+            "labels": shard.labels[i].tolist(),
+            "indices": shard.indices[i].tolist(),
+            "offsets": shard.offsets[i].tolist(),
+        }
+        yield (
+            f"{shard.start + i:010d}",
+            {
+                "digit0.png": png(placed[i, 0]),
+                "digit1.png": png(placed[i, 1]),
+                "input.png": png(overlay[i]),
+                META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+            },
+        )
+
+
+def tar_bytes(shard: Shard) -> bytes:
+    """Serialise a shard as a tar with fixed member metadata (mtime 0, uid/gid 0, mode 0644, sorted)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples(shard):
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IHDR = struct.pack(">IIBBBBB", CANVAS, CANVAS, 8, 0, 0, 0, 0)  # 8-bit grayscale, not interlaced
+_IHDR_CHUNK = struct.pack(">I4s13sI", 13, b"IHDR", _IHDR, zlib.crc32(b"IHDR" + _IHDR))  # the only header we accept
+_ROW = CANVAS + 1  # a PNG scanline: filter type byte + pixels
+_ZERO_ROW = bytes(_ROW)
+_Inflated = tuple[bytes, bytes, bytes, list[int]]  # filtered scanlines of input, digit0, digit1; the two labels
+
+
+def inflate_png(data: bytes) -> bytes:
+    """Checked, inflated scanlines of a 36x36 8-bit grayscale PNG (CRCs, header, size, filter types); else an error."""
+    if data[:8] != _PNG_SIGNATURE:
+        raise UnidentifiedImageError(f"not a PNG (starts with {data[:8]!r})")
+    if data[8:33] != _IHDR_CHUNK:
+        raise ValueError(f"expected a 36x36 8-bit grayscale non-interlaced PNG, got header {data[8:33]!r}")
+    pos, idat = 33, []
+    while True:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            raise ValueError(f"truncated PNG or bad CRC in its {kind!r} chunk")
+        if kind == b"IDAT":
+            idat.append(data[pos + 8 : end])
+        elif kind == b"IEND":
+            break
+        elif not kind[0] & 32:  # an unknown critical chunk (PLTE, a second IHDR) changes the meaning
+            raise ValueError(f"unexpected critical PNG chunk {kind!r}")
+        pos = end + 4
+    raw = zlib.decompress(b"".join(idat))
+    if len(raw) != _ROW * CANVAS or max(raw[::_ROW]) > 4:
+        raise ValueError(f"PNG data of {len(raw)} bytes or a filter type > 4, not 36 rows of 1 + 36 bytes")
+    return raw
+
+
+def _unfilter(raws: Sequence[bytes]) -> np.ndarray:
+    """uint8 [N,36,36] from inflated PNG scanlines: one C pass (PIL's PNG row unfilter) over all N images at once.
+
+    Each image follows an all-zero scanline, which is what PNG's first row sees as the row above.
+    """
+    stored = zlib.compress(_ZERO_ROW + _ZERO_ROW.join(raws), 0)  # level 0: framing only, no compression work
+    canvas = Image.frombytes("L", (CANVAS, _ROW * len(raws)), stored, "zip", "L")
+    return np.frombuffer(bytearray(canvas.tobytes()), np.uint8).reshape(len(raws), _ROW, CANVAS)[:, 1:]
+
+
+def inflate_sample(sample: dict[str, Any]) -> _Inflated:
+    """Check and inflate one shard sample (PNG and JSON only; other extensions are ignored, nothing is unpickled)."""
+    labels = json.loads(sample[META_KEY].decode())["labels"]  # UTF-8, as written; skips encoding sniffing
+    if not (isinstance(labels, list) and len(labels) == 2 and all(type(x) is int for x in labels)):
+        raise ValueError(f"{sample.get('__key__')}: meta labels {labels!r} are not two digits")
+    return (*(inflate_png(sample[k]) for k in IMAGE_KEYS), labels)
+
+
+def collate_inflated(samples: list[_Inflated]) -> Batch:
+    """Contract batch from inflated samples: the whole batch is unfiltered in one pass and converted once."""
+    pixels = torch.from_numpy(_unfilter([raw for s in samples for raw in s[:3]])).unflatten(0, (len(samples), 3))
+    return to_batch(pixels[:, 0], torch.tensor([s[3] for s in samples]), pixels[:, 1:])
+
+

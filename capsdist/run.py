@@ -1,0 +1,62 @@
+"""Run policy: where a run's outputs go, which loggers and checkpoints it gets, and how its config is logged.
+
+Every run lives in ``trainer.default_root_dir``: checkpoints/ (best and last), csv/, wandb/ (offline by default)
+and, on SLURM preemption, hpc_ckpt_N.ckpt, which Lightning resumes from automatically. W&B is imported only when
+a W&B logger is asked for (``--wandb_mode offline|online``), so ``disabled`` runs where wandb is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Save the resolved config beside the run and send it to every logger (W&B shows it as the run config)."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Log the whole parsed config as hyperparameters."""
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+def run_loggers(root: Path, mode: str, project: str) -> list[Logger]:
+    """CSV logger, plus W&B (offline unless mode='online'; none if 'disabled'), both writing under `root`."""
+    loggers: list[Logger] = [CSVLogger(root, name="csv")]
+    if mode != "disabled":
+        from pytorch_lightning.loggers import WandbLogger  # needs the wandb package only here
+
+        (root / "wandb").mkdir(parents=True, exist_ok=True)
+        job = os.environ.get("SLURM_JOB_ID")  # a requeued SLURM job keeps its id: one W&B run across restarts
+        run_id = f"{root.name}-slurm{job}" if job else None
+        loggers.insert(0, WandbLogger(project=project, save_dir=str(root), offline=mode == "offline", id=run_id))
+    return loggers
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the W&B run on rank 0, so a later run in this process gets its own (no-op without W&B)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
+
+
+def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
+    """Best checkpoint by val/error, a rolling snapshot (and last.ckpt) every n steps (0: every epoch), and one on
+    a crash or Ctrl-C, so `--ckpt_path last` resumes from the freshest state, mid-epoch included."""
+    return [
+        ModelCheckpoint(folder, "best-{epoch}-{step}", monitor="val/error", mode="min", enable_version_counter=False),
+        ModelCheckpoint(
+            folder,
+            "snapshot-{step}",
+            every_n_train_steps=every_n_steps or None,
+            save_last=True,
+            enable_version_counter=False,
+        ),
+        OnExceptionCheckpoint(folder, "interrupted"),
+    ]

@@ -1,0 +1,134 @@
+"""Documented entry points cannot rot: every config in configs/ and every `python -m` command in README.md runs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from capsdist.train import main as train_main
+from tests.conftest import REPO, TINY
+
+CONFIG_STACKS = [
+    ["quickstart.yaml"],
+    ["mnist.yaml"],
+    *[["mnist.yaml", f"ablation/{p.name}"] for p in sorted((REPO / "configs/ablation").glob("*.yaml"))],
+    ["multimnist.yaml"],
+    ["multimnist.yaml", "multimnist_onthefly.yaml"],
+    ["large.yaml"],
+    *[["large.yaml", f"strategy/{p.name}"] for p in sorted((REPO / "configs/strategy").glob("*.yaml"))],
+]
+# what makes any config quick on CPU: the tiny model and data settings, two steps, one validation batch
+QUICK = [
+    *TINY[:-3],
+    "--trainer.precision=32",
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--model.log_images_every_n_steps=0",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--wandb_mode=disabled",
+]
+
+
+def test_every_config_is_in_a_stack() -> None:
+    used = {name for stack in CONFIG_STACKS for name in stack}
+    assert {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")} == used
+
+
+@pytest.mark.parametrize("stack", CONFIG_STACKS, ids="+".join)
+def test_config_parses(stack: list[str], capsys: pytest.CaptureFixture) -> None:
+    """Each config (stack) parses and resolves in the CLI, legacy `data.source` included."""
+    configs = [arg for name in stack for arg in ("--config", str(REPO / "configs" / name))]
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["fit", *configs, "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "source: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "stack", [["quickstart.yaml"], ["mnist.yaml"], ["multimnist.yaml"], ["multimnist.yaml", "multimnist_onthefly.yaml"]]
+)
+def test_config_trains_two_steps(stack: list[str], shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each data source's config really trains (tiny model, shards from the fixture)."""
+    configs = [arg for name in stack for arg in ("--config", str(REPO / "configs" / name))]
+    data = [f"--data.train_shards={shards}", f"--data.val_shards={shards}"] if stack == ["multimnist.yaml"] else []
+    data += ["--data.train_batches_per_epoch=4", "--data.shuffle_buffer=10"] if stack == ["multimnist.yaml"] else []
+    train_main(["fit", *configs, *QUICK, *data, f"--trainer.default_root_dir={tmp_path}"])
+    assert '"global_step": 2' in capsys.readouterr().out
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python -m ...` (and `torchrun ... -m ...`) command in README.md's code blocks, as argv.
+
+    Continuation lines are joined and comments dropped."""
+    readme = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv[:2] == ["python", "-m"]:
+                    commands.append(argv[2:])
+                elif argv[:1] == ["torchrun"] and "-m" in argv:  # torchrun [launcher flags] -m module ...
+                    commands.append(argv[argv.index("-m") + 1 :])
+    return commands
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained checkpoint standing in for the README's runs/*/checkpoints/*.ckpt."""
+    root = tmp_path_factory.mktemp("ckpt")
+    train_main(["fit", *QUICK, "--data.source=mnist", "--data.train_samples=64", f"--trainer.default_root_dir={root}"])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def _replace(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with ``flag``'s value replaced (or the flag added)."""
+    if flag in argv:
+        i = argv.index(flag)
+        return [*argv[: i + 1], value, *argv[i + 2 :]]
+    return [*argv, flag, value]
+
+
+def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each documented command runs: for real where it is quick (tiny overrides), else through its full parser."""
+    from capsdist import bench, evaluate, figures
+    from data_prep import mnist, multimnist
+
+    commands = readme_commands()
+    assert len(commands) >= 15, commands
+    seen = set()
+    for i, (module, *argv) in enumerate(commands):
+        seen.add(module)
+        if module == "capsdist.train":
+            with pytest.raises(SystemExit) as exit_:
+                train_main([*argv, "--print_config"])
+            assert exit_.value.code in (0, None), argv
+        elif module == "capsdist.bench":
+            bench.parse_args(argv)  # a GPU, compile and the full CPU sweep are too slow here; the flags must parse
+        elif module in ("capsdist.evaluate", "capsdist.figures"):
+            argv = _replace(_replace(argv, "--ckpt", str(checkpoint)), "--data.val_samples", "32")
+            argv = _replace(argv, "--out", str(tmp_path / f"fig{i}")) if "--out" in argv else argv
+            (evaluate if module == "capsdist.evaluate" else figures).main([*argv, "--device", "cpu"])
+        elif module == "data_prep.mnist":
+            assert mnist.main(argv) == 0
+        elif module == "data_prep.multimnist":
+            if "--benchmark" in argv:
+                argv = [*argv, "--num-samples", "100"]
+            else:
+                if "--per-digit" in argv:  # the paper's 60M samples: make it 20
+                    i_per = argv.index("--per-digit")
+                    argv = argv[:i_per] + argv[i_per + 2 :]
+                argv = _replace(_replace(argv, "--num-samples", "20"), "--out", str(tmp_path / f"shards{i}"))
+                argv = _replace(_replace(argv, "--workers", "1"), "--shard-size", "10")
+            assert multimnist.main(argv) == 0, argv
+        elif module == "pytest":
+            continue  # the test command itself
+        else:
+            pytest.fail(f"README documents `python -m {module}`, which this test does not know how to run")
+        capsys.readouterr()
+    assert seen >= {"capsdist.train", "capsdist.bench", "capsdist.evaluate", "capsdist.figures", "data_prep.multimnist"}

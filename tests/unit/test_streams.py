@@ -1,0 +1,149 @@
+"""capsdist.data streams and loader: batch format, geometry, seeds, exact mid-epoch resume and its checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsdist import data
+from tests.conftest import check_format, check_multimnist, epoch_batches, same_batches, u8
+
+
+def _contains_source(placed: torch.Tensor, digit: torch.Tensor, canvas: int) -> bool:
+    """Whether ``placed`` is ``digit`` at some top-left offset of a zero canvas."""
+    for r in range(canvas - 27):
+        for c in range(canvas - 27):
+            ref = torch.zeros(canvas, canvas, dtype=torch.int16)
+            ref[r : r + 28, c : c + 28] = digit
+            if torch.equal(placed, ref):
+                return True
+    return False
+
+
+def test_mnist_stream_shift_and_format(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Training MNIST: contract batches, recon = input, each image its digit shifted by at most 2 px."""
+    images, labels = test_split
+    stream = data.MnistStream(images, labels, 32, train=True, seed=5)
+    assert len(stream) == 600 // 32
+    batch = stream.make_batch(0, 0)
+    check_format(batch, 32, 1, 28)
+    assert torch.equal(batch["recon"][:, 0], batch["image"])
+    order = stream._rank_order(0)[:32]
+    assert torch.equal(batch["labels"][:, 0], labels[order])
+    shifted = 0
+    for i in range(8):
+        big = torch.nn.functional.pad(images[order[i]].to(torch.int16), (2, 2, 2, 2))
+        crops = {
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(big[dy : dy + 28, dx : dx + 28], u8(batch["image"][i, 0]))
+        }
+        assert crops, f"sample {i} is not a shift of its digit by <= 2 px"
+        shifted += (2, 2) not in crops
+    assert shifted > 0
+    val = data.MnistStream(images, labels, 32, train=False)
+    assert len(val) == 19 and torch.equal(u8(val.make_batch(0, 0)["image"][:, 0]), images[:32].to(torch.int16))
+
+
+def test_onthefly_geometry(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """On-the-fly MultiMNIST: same recipe as the shards, exact against the source digits."""
+    images, labels = test_split
+    batch = data.OnTheFlyMultiMnist(images, labels, 16, 4, seed=2).make_batch(0, 3)
+    check_format(batch, 16, 2, 36)
+    check_multimnist(batch)
+    for i in range(4):
+        for k in range(2):
+            label = int(batch["labels"][i, k])
+            candidates = (labels == label).nonzero()[:, 0]
+            placed = u8(batch["recon"][i, k, 0])
+            assert any(
+                _contains_source(placed, images[j].to(torch.int16), 36)
+                for j in candidates[:80].tolist()
+                if images[j].sum() == placed.sum()
+            )
+
+
+def test_device_generator_matches_cpu_stream(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Draw-only batches composed by DeviceMultiMnist equal the CPU stream; its own batches are well-formed."""
+    images, labels = test_split
+    cpu = data.OnTheFlyMultiMnist(images, labels, 64, 2, seed=9).make_batch(1, 1)
+    draws = data.OnTheFlyMultiMnist(images, labels, 64, 2, seed=9, draw_only=True).make_batch(1, 1)
+    gen = data.DeviceMultiMnist(images, labels, "cpu", seed=9)
+    assert all(torch.equal(cpu[k], v) for k, v in gen.compose(draws).items())
+    batch = gen.batch(256, epoch=0, step=0)
+    check_format(batch, 256, 2, 36)
+    check_multimnist(batch)
+    assert not torch.equal(batch["labels"], gen.batch(256, epoch=0, step=1)["labels"])
+
+
+@pytest.mark.parametrize("kind", ["mnist", "onthefly"])
+def test_resume_mid_epoch_equals_tail(kind: str, test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A resumed loader yields exactly the rest of the epoch, with 0 or 2 workers (and the same stream for both)."""
+    images, labels = test_split
+
+    def stream() -> data.BatchStream:
+        if kind == "mnist":
+            return data.MnistStream(images, labels, 50, train=True, seed=4)
+        return data.OnTheFlyMultiMnist(images, labels, 20, 12, seed=4)
+
+    full = epoch_batches(data.ResumableLoader(stream()), 2)
+    assert len(full) == 12
+    for workers in (0, 2):
+        loader = data.ResumableLoader(stream(), num_workers=workers)
+        assert same_batches(epoch_batches(loader, 2), full)
+        it = iter(loader)
+        for _ in range(5):
+            next(it)
+        state = loader.state_dict()
+        assert state == {"version": 1, "epoch": 2, "batches": 5, "world_size": 1, "num_workers": workers}
+        resumed = data.ResumableLoader(stream(), num_workers=workers)
+        assert same_batches(epoch_batches(resumed, 2, state), full[5:])
+        assert resumed.state_dict() | {"num_workers": 0} == {**state, "batches": 12, "num_workers": 0}
+        assert same_batches(epoch_batches(resumed, 2), full)  # the resume state is used once
+    stale = data.ResumableLoader(stream())
+    fresh = epoch_batches(data.ResumableLoader(stream()), 3)
+    assert same_batches(epoch_batches(stale, 3, {"epoch": 2, "batches": 5}), fresh)  # unversioned: unchecked
+
+
+def test_streams_differ_by_epoch_and_rank(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Seeds are per (epoch, rank, batch): no two ranks, epochs or batches repeat a stream."""
+    images, labels = test_split
+    r0 = data.OnTheFlyMultiMnist(images, labels, 32, 2, seed=0, rank=0, world_size=2)
+    r1 = data.OnTheFlyMultiMnist(images, labels, 32, 2, seed=0, rank=1, world_size=2)
+    outs = [s.make_batch(e, j)["labels"] for s in (r0, r1) for e in (0, 1) for j in (0, 1)]
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+    m0 = data.MnistStream(images, labels, 32, train=True, rank=0, world_size=2)
+    m1 = data.MnistStream(images, labels, 32, train=True, rank=1, world_size=2)
+    a, b = m0._rank_order(0), m1._rank_order(0)
+    assert len(a) == len(b) == 300 and not set(a.tolist()) & set(b.tolist())
+    assert not torch.equal(a, m0._rank_order(1))
+
+
+def test_resume_refused_when_not_exact(test_split: tuple[torch.Tensor, torch.Tensor], shards: Path) -> None:
+    """Shard streams resume only with the same num_workers; every stream only at the same world size."""
+    urls = data.expand_shards(str(shards))
+
+    def shard_loader(workers: int, world: int = 1) -> data.ResumableLoader:
+        stream = data.ShardStream(urls, 8, True, world_size=world, shuffle_buffer=20, num_batches=4)
+        return data.ResumableLoader(stream, num_workers=workers)
+
+    state = shard_loader(2).state_dict()
+    assert state == {"version": 1, "epoch": 0, "batches": 0, "world_size": 1, "num_workers": 2}
+    shard_loader(2).load_state_dict(state)  # the same placement: fine
+    with pytest.raises(data.DataError, match=r"(?s)num_workers=2 .*=0.*Fix: resume with --data.num_workers 2"):
+        shard_loader(0).load_state_dict(state)
+    with pytest.raises(data.DataError, match=r"(?s)world size 1 and this run has 2.*Fix: resume with 1 processes"):
+        shard_loader(2, world=2).load_state_dict(state)
+    with pytest.raises(data.DataError, match="version 7"):
+        shard_loader(2).load_state_dict({**state, "version": 7})
+
+    images, labels = test_split
+    mnist_state = {**state, "num_workers": 0, "batches": 3}
+    loader = data.ResumableLoader(data.MnistStream(images, labels, 50, train=True), num_workers=2)
+    loader.load_state_dict(mnist_state)  # in-memory streams are exact for any worker count
+    with pytest.raises(data.DataError, match="world size"):
+        stream = data.MnistStream(images, labels, 50, train=True, rank=0, world_size=2)
+        data.ResumableLoader(stream).load_state_dict(mnist_state)
