@@ -22,6 +22,7 @@ class Trained:
     model: CapsNet
     hparams: dict[str, Any]  # the LightningModule's: CapsNet's arguments, num_targets, recon_weight, lr, ...
     data: dict[str, Any]  # the data module's saved settings (source, batch_size, ...); {} if none were saved
+    global_step: int = 0  # optimizer steps taken when it was written
 
     @property
     def recon_weight(self) -> float:
@@ -51,4 +52,4 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
             "Fix: pass a checkpoint written by `python -m capsdist.train fit`; a truncated file must be rewritten."
         ) from err
     data = dict(checkpoint.get("datamodule_hyper_parameters", {}))
-    return Trained(model.eval().to(device), hparams, data)
+    return Trained(model.eval().to(device), hparams, data, int(checkpoint.get("global_step", 0)))

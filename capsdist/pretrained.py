@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from capsdist import CapsdistError, user_errors
+from capsdist.checkpoint import load_trained
 from capsdist.model import CapsNet
 
 CONFIG_KEY = "capsnet_config"
@@ -92,27 +93,10 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval(), {CONFIG_KEY: config, **meta}
 
 
-def from_checkpoint(path: str | Path) -> tuple[CapsNet, dict[str, Any], int]:
-    """(CapsNet, its config, global step) from a Lightning checkpoint of capsdist, read with weights_only."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config = model_config(ckpt["hyper_parameters"])
-        model = CapsNet(**config)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
-        raise CapsdistError(
-            f"{path} is not a readable capsdist checkpoint ({type(err).__name__}: {str(err)[:160]}). "
-            "Fix: pass a .ckpt written by `python -m capsdist.train fit` (runs/NAME/checkpoints/)."
-        ) from err
-    return model.eval(), config, int(ckpt.get("global_step", 0))
-
-
 @torch.inference_mode()
 def mnist_hits(model: CapsNet, limit: int | None = None, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
     """Per-digit correctness (bool [N]) of the longest class capsule on the first `limit` MNIST test digits."""
-    from data_prep import mnist  # the IDX reader alone: no training code on this path
+    from capsdist.data import mnist  # the IDX reader alone: no training code on this path
 
     images, labels = mnist.load(mnist.resolve_dir(), "test")
     images, labels = torch.from_numpy(images[:limit]), torch.from_numpy(labels[:limit]).long()
@@ -127,18 +111,19 @@ def mnist_hits(model: CapsNet, limit: int | None = None, batch_size: int = 500, 
 
 def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Store a checkpoint's CapsNet as safetensors with the test accuracy of exactly the stored (fp16) weights."""
-    model, config, step = from_checkpoint(ckpt)
-    model = model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
+    trained = load_trained(ckpt)
+    config = model_config(trained.hparams)
+    model = trained.model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
     started = time.perf_counter()
     hits = mnist_hits(model, device=device)
     scores = {
         "test_digits": len(hits),
         "test_correct": int(hits.sum()),
-        "test_accuracy": float(hits.float().mean()),
+        "test_accuracy": int(hits.sum()) / len(hits),
         "first_1000_correct": int(hits[:1000].sum()),
         "score_s": round(time.perf_counter() - started, 2),
     }
-    meta = {"global_step": step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
+    meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
     save_weights(model, config, out, meta)
     return {**meta, "weights": str(out), "bytes": Path(out).stat().st_size}
 
@@ -170,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                 "weights": args.weights,
                 "test_digits": len(hits),
                 "test_correct": int(hits.sum()),
-                "test_accuracy": float(hits.float().mean()),
+                "test_accuracy": int(hits.sum()) / len(hits),
                 "recorded": recorded,
             }
     print(json.dumps(result))

@@ -8,6 +8,7 @@ a W&B logger is asked for (``--wandb_mode offline|online``), so ``disabled`` run
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -44,6 +45,20 @@ def finish_wandb(trainer: pl.Trainer) -> None:
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
             logger.experiment.finish()
+
+
+class WallClock(Callback):
+    """Logs `time/elapsed_s`, seconds since this process's fit started, with every validation: learning curves
+    against wall time as well as steps (the CSV has no clock of its own)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock."""
+        self.started = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the elapsed seconds beside the validation metrics (not during the sanity check, not in validate)."""
+        if not trainer.sanity_checking and hasattr(self, "started"):
+            pl_module.log("time/elapsed_s", time.perf_counter() - self.started)
 
 
 def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:

@@ -18,7 +18,7 @@ from capsdist.data.modules import CapsDataModule
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.parallel import SlurmRequeue
-from capsdist.run import LoggedConfig, finish_wandb, run_checkpoints, run_loggers
+from capsdist.run import LoggedConfig, WallClock, finish_wandb, run_checkpoints, run_loggers
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -60,7 +60,7 @@ class CapsCLI(PrivateOverrides):
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         if not any(isinstance(c, SlurmRequeue) for c in callbacks):
             callbacks.append(SlurmRequeue())  # inert outside SLURM; replaces Lightning's deadlock-prone handler
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock()]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

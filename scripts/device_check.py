@@ -183,7 +183,6 @@ def train_stage(check: Check, reserve_s: float) -> None:
         f" --data.batch_size {TRAIN_BATCH} --data.num_workers {2 if SMOKE else 8}"
         f" --data.pin_memory {str(DEVICE == 'cuda').lower()} --trainer.enable_progress_bar false"
         " --trainer.log_every_n_steps 50 --checkpoint_every_n_steps 0 --wandb_mode disabled"
-        " --trainer.callbacks+=capsdist.timing.WallClock"
     )
     if SMOKE:
         overrides += shlex.split(

@@ -12,7 +12,7 @@ import torch
 
 from capsdist.pretrained import load_weights, mnist_hits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
