@@ -47,29 +47,44 @@ def _dot(u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u, vec.unsqueeze(2)).squeeze(2)
 
 
-class _ContractInputs(torch.autograd.Function):
-    """The two contractions over input capsules, u [N, I, D] with a small operand: the agreement u . vec [N, I]
-    or the weighted sum sum_i coef_i u_i [N, D]. Backward writes d u in u's own layout and saves only what the
-    needed gradients use (with detached inner rounds, the last round's u is not kept alive)."""
+class _Agreement(torch.autograd.Function):
+    """a[n, i] = u[n, i] . vec[n] for u [N, I, D] and vec [N, D]. Backward writes d u in u's own layout and
+    saves only what the needed gradients use."""
 
     @staticmethod
-    def forward(ctx, small: torch.Tensor, u: torch.Tensor, agreement: bool) -> torch.Tensor:  # type: ignore[override]
-        """`_dot(u, small)` if `agreement` else `_weighted_sum(small, u)`."""
-        need_small, need_u, _ = ctx.needs_input_grad
-        ctx.save_for_backward(small if need_u else None, u if need_small else None)
-        ctx.input_major, ctx.agreement = _input_major(u), agreement
-        return _dot(u, small) if agreement else _weighted_sum(small, u)
+    def forward(ctx, vec: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        need_vec, need_u = ctx.needs_input_grad
+        ctx.save_for_backward(vec if need_u else None, u if need_vec else None)
+        ctx.input_major = _input_major(u)
+        return _dot(u, vec)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
-        """Agreement: d vec = sum_i grad_i u_i, d u = grad (x) vec; sum: d coef = u . grad, d u = coef (x) grad."""
-        small, u = ctx.saved_tensors
-        grad_small = grad_u = None
-        if u is not None:
-            grad_small = _weighted_sum(grad, u) if ctx.agreement else _dot(u, grad)
-        if small is not None:
-            grad_u = _outer(grad, small, ctx.input_major) if ctx.agreement else _outer(small, grad, ctx.input_major)
-        return grad_small, grad_u, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        """d vec = sum_i grad_i u_i; d u = grad (x) vec."""
+        vec, u = ctx.saved_tensors
+        grad_vec = None if u is None else _weighted_sum(grad, u)
+        grad_u = None if vec is None else _outer(grad, vec, ctx.input_major)
+        return grad_vec, grad_u
+
+
+class _WeightedSum(torch.autograd.Function):
+    """s[n] = sum_i coef[n, i] u[n, i] for coef [N, I] and u [N, I, D]. Backward writes d u in u's own layout
+    and saves only what the needed gradients use (with detached inner rounds, the last round's u is not kept)."""
+
+    @staticmethod
+    def forward(ctx, coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        need_coef, need_u = ctx.needs_input_grad
+        ctx.save_for_backward(coef if need_u else None, u if need_coef else None)
+        ctx.input_major = _input_major(u)
+        return _weighted_sum(coef, u)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        """d coef = u . grad; d u = coef (x) grad."""
+        coef, u = ctx.saved_tensors
+        grad_coef = None if u is None else _dot(u, grad)
+        grad_u = None if coef is None else _outer(coef, grad, ctx.input_major)
+        return grad_coef, grad_u
 
 
 def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
@@ -92,8 +107,8 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = Fal
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)
         logits = None
         for it in range(1, iterations):
-            agreement = _ContractInputs.apply(v, inner, True)
+            agreement = _Agreement.apply(v, inner)
             logits = agreement if logits is None else logits + agreement
             coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1).view(batch * n_out, n_in)
-            v = squash(_ContractInputs.apply(coupling, flat if it == iterations - 1 else inner, False))
+            v = squash(_WeightedSum.apply(coupling, flat if it == iterations - 1 else inner))
     return v.view(batch, n_out, d)
