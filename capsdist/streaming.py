@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from capsdist.routing import squash
+from capsdist.routing import _dot, _weighted_sum, squash
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,16 +38,44 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _uniform_round(u_t: torch.Tensor, weight: torch.Tensor, n_out: int, chunk: int, mm: torch.dtype) -> torch.Tensor:
-    """s^1 = (1/n_out) sum_i W_i u_i as one GEMM per chunk (in `mm`, float32 or float64: s^1 is never rounded to
-    bf16): u_t [n_in, B, d_in] -> [B, n_out*d_out]."""
+def _priors(u_t: torch.Tensor, w: torch.Tensor, lo: int, hi: int, mm: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """u_hat of input capsules lo..hi as [B*n_out, C, d_out]: the GEMV view of contiguous [C, B*n_out, d_out]
+    memory (u_t [n_in, B, d_in], w [n_in, n_out, d_out, d_in]), so `capsdist.routing`'s contractions read it
+    without a copy."""
+    n_out, d_out, d_in = w.shape[1:]
+    wc = w[lo:hi].reshape(hi - lo, n_out * d_out, d_in).transpose(1, 2).to(mm)
+    return torch.bmm(u_t[lo:hi].to(mm), wc).to(acc).view(hi - lo, -1, d_out).transpose(0, 1)
+
+
+def _coupling(u_hat: torch.Tensor, big_v: torch.Tensor, n_out: int) -> torch.Tensor:
+    """c = softmax over outputs of the logits u_hat . V: [B*n_out, C, d] x [B*n_out, d] -> [B*n_out, C]."""
+    logits = _dot(u_hat, big_v)
+    return torch.softmax(logits.view(-1, n_out, logits.shape[1]), dim=1).view_as(logits)
+
+
+def _coupling_vjp(coupling: torch.Tensor, grad: torch.Tensor, n_out: int) -> torch.Tensor:
+    """d logits of c = softmax over outputs, given d c (both [B*n_out, C])."""
+    c, g = coupling.view(-1, n_out, coupling.shape[1]), grad.view(-1, n_out, grad.shape[1])
+    return (c * (g - (c * g).sum(1, keepdim=True))).view_as(grad)
+
+
+def _squash_vjp(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
+    """d s of v = squash(s) given d v (autograd on the small [B*n_out, d] tensor)."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        return torch.autograd.grad(squash(s), s, grad_v)[0]
+
+
+def _uniform_round(u_t: torch.Tensor, w: torch.Tensor, chunk: int, acc: torch.dtype) -> torch.Tensor:
+    """s^1 = (1/n_out) sum_i W_i u_i as one GEMM per chunk, in float32/64 (never rounded to bf16):
+    u_t [n_in, B, d_in] -> [B*n_out, d_out]."""
     n_in, batch, d_in = u_t.shape
-    out = None
+    n_out, d_out = w.shape[1:3]
+    out = torch.zeros(batch, n_out * d_out, dtype=acc, device=u_t.device)
     for lo, hi in _chunks(n_in, chunk):
-        w = weight[lo:hi].reshape(hi - lo, -1, d_in).transpose(1, 2).reshape((hi - lo) * d_in, -1)
-        part = u_t[lo:hi].transpose(0, 1).reshape(batch, -1).to(mm) @ w.to(mm)
-        out = part if out is None else out + part
-    return out / n_out
+        wc = w[lo:hi].reshape(hi - lo, -1, d_in).transpose(1, 2).reshape((hi - lo) * d_in, -1)
+        out += u_t[lo:hi].transpose(0, 1).reshape(batch, -1).to(acc) @ wc.to(acc)
+    return out.view(-1, d_out) / n_out
 
 
 class _StreamingRouting(torch.autograd.Function):
@@ -60,30 +88,27 @@ class _StreamingRouting(torch.autograd.Function):
         bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
         mm = torch.bfloat16 if bf16 else acc  # fp16 autocast: float32 priors (fp16 would overflow)
         n_in, n_out, d_out, _ = weight.shape
-        batch = u.shape[0]
-        u_t = u.detach().transpose(0, 1)
-        w = weight.detach()
+        u_t, w = u.detach().transpose(0, 1), weight.detach()
         with torch.autocast(dev, enabled=False):
             s_list, v_list = [], []
             big_v = None
             for t in range(iterations):
                 if t == 0:
-                    s = _uniform_round(u_t, w, n_out, chunk, acc).view(batch, n_out, d_out)
+                    s = _uniform_round(u_t, w, chunk, acc)
                 else:
-                    s = torch.zeros(batch, n_out, d_out, dtype=acc, device=u.device)
+                    s = torch.zeros_like(big_v)
                     for lo, hi in _chunks(n_in, chunk):
                         u_hat = _priors(u_t, w, lo, hi, mm, acc)
-                        coupling = torch.softmax((u_hat * big_v).sum(-1), dim=-1)
-                        s += (coupling.unsqueeze(-1) * u_hat).sum(0)
+                        s += _weighted_sum(_coupling(u_hat, big_v, n_out), u_hat)
                 if reduce is not None:
-                    s = reduce(s)
+                    s = _reduce(reduce, s, n_out)
                 v = squash(s)
                 s_list.append(s)
                 v_list.append(v)
                 big_v = v if big_v is None else big_v + v
         ctx.save_for_backward(u, weight, *s_list, *v_list)
         ctx.conf = (iterations, detach, chunk, reduce, mm, acc)
-        return v
+        return v.view(-1, n_out, d_out)
 
     @staticmethod
     def backward(ctx, grad_v):  # type: ignore[override]
@@ -92,63 +117,52 @@ class _StreamingRouting(torch.autograd.Function):
         s_list, v_list = saved[:iterations], saved[iterations:]
         big_vs = list(torch.cumsum(torch.stack(v_list), dim=0))  # V^1 .. V^T
         n_in, n_out, d_out, d_in = weight.shape
-        u_t = u.detach().transpose(0, 1)
-        w = weight.detach()
-        grad_v = grad_v.to(acc)
+        u_t, w = u.detach().transpose(0, 1), weight.detach()
+        grad_u_t = torch.zeros(n_in, u.shape[0], d_in, dtype=acc, device=u.device)
+        grad_w = torch.zeros(n_in, n_out * d_out, d_in, dtype=acc, device=u.device)
+        last = iterations - 1
         with torch.autocast(u.device.type, enabled=False):
-            rounds = [iterations - 1] if detach else list(range(iterations))
-            grad_s: dict[int, torch.Tensor] = {}
-            carried = torch.zeros_like(grad_v)  # sum of g_V^{t'} for t' >= t
-            for t in reversed(rounds):  # phase 1: the small gradients, one chunk sweep per routed round
-                grad_s[t] = _squash_vjp(s_list[t], (grad_v if t == iterations - 1 else 0) + carried)
-                if t == 0 or detach:
-                    continue
-                grad_big_v = torch.zeros_like(grad_v)
+            grad_s = {last: _squash_vjp(s_list[last], grad_v.to(acc).reshape(-1, d_out))}
+            carried = torch.zeros_like(grad_s[last])  # sum of g_V^{t'} for t' >= t
+            sweeps = ([last] if detach else list(range(last, 0, -1))) if iterations > 1 else []
+            for t in sweeps:  # one chunk sweep per routed round; the final sweep also forms d u_hat
+                final = t == sweeps[-1]
+                grad_big_v = torch.zeros_like(carried)
                 for lo, hi in _chunks(n_in, chunk):
                     u_hat = _priors(u_t, w, lo, hi, mm, acc)
-                    coupling = torch.softmax((u_hat * big_vs[t - 1]).sum(-1), dim=-1)
-                    grad_logits = _softmax_vjp(coupling, (u_hat * grad_s[t]).sum(-1))
-                    grad_big_v += (grad_logits.unsqueeze(-1) * u_hat).sum(0)
-                carried = carried + (reduce(grad_big_v) if reduce is not None else grad_big_v)
-            grad_u_t = torch.empty(n_in, u.shape[0], d_in, dtype=acc, device=u.device)
-            grad_w = torch.empty(n_in, n_out * d_out, d_in, dtype=acc, device=u.device)
-            for lo, hi in _chunks(n_in, chunk):  # phase 2: d u_hat per chunk -> dW, du of that chunk
-                u_hat = _priors(u_t, w, lo, hi, mm, acc)
-                grad_hat = torch.zeros_like(u_hat)
-                for t in rounds:
-                    if t == 0:
-                        grad_hat += grad_s[0] / n_out
-                        continue
-                    coupling = torch.softmax((u_hat * big_vs[t - 1]).sum(-1), dim=-1)
-                    grad_hat += coupling.unsqueeze(-1) * grad_s[t]
-                    if not detach:
-                        grad_logits = _softmax_vjp(coupling, (u_hat * grad_s[t]).sum(-1))
-                        grad_hat += grad_logits.unsqueeze(-1) * big_vs[t - 1]
-                flat = grad_hat.view(hi - lo, -1, n_out * d_out)  # [C, B, n_out*d_out]
-                grad_w[lo:hi] = torch.bmm(flat.transpose(1, 2), u_t[lo:hi].to(acc))
-                grad_u_t[lo:hi] = torch.bmm(flat, w[lo:hi].reshape(hi - lo, -1, d_in).to(acc))
+                    grad_hat = torch.zeros_like(u_hat.transpose(0, 1)) if final else None  # [C, B*n_out, d]
+                    for r in range(t, iterations) if final else [t]:
+                        coupling = _coupling(u_hat, big_vs[r - 1], n_out)
+                        if final:
+                            grad_hat.addcmul_(coupling.t().unsqueeze(2), grad_s[r].unsqueeze(0))
+                        if detach:
+                            continue
+                        grad_logits = _coupling_vjp(coupling, _dot(u_hat, grad_s[r]), n_out)
+                        if r == t:
+                            grad_big_v += _weighted_sum(grad_logits, u_hat)
+                        if final:
+                            grad_hat.addcmul_(grad_logits.t().unsqueeze(2), big_vs[r - 1].unsqueeze(0))
+                    if final:
+                        flat = grad_hat.view(hi - lo, -1, n_out * d_out)  # [C, B, n_out*d_out]
+                        grad_w[lo:hi] += torch.bmm(flat.transpose(1, 2), u_t[lo:hi].to(acc))
+                        grad_u_t[lo:hi] += torch.bmm(flat, w[lo:hi].reshape(hi - lo, -1, d_in).to(acc))
+                if not detach:
+                    carried = carried + (grad_big_v if reduce is None else _reduce(reduce, grad_big_v, n_out))
+                    grad_s[t - 1] = _squash_vjp(s_list[t - 1], carried)
+            if 0 in grad_s:  # round 1's uniform coupling: d u_hat = g_s^1 / n_out for every input, two GEMMs
+                g0 = (grad_s[0] / n_out).view(u.shape[0], -1)  # [B, n_out*d_out]
+                for lo, hi in _chunks(n_in, chunk):
+                    grad_w[lo:hi] += torch.bmm(g0.t().expand(hi - lo, -1, -1), u_t[lo:hi].to(acc))
+                    wc = w[lo:hi].reshape(hi - lo, -1, d_in).to(acc)
+                    grad_u_t[lo:hi] += torch.bmm(g0.expand(hi - lo, -1, -1), wc)
         grad_u = grad_u_t.transpose(0, 1).to(u.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = grad_w.view(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_u, grad_weight, None, None, None, None
 
 
-def _priors(u_t: torch.Tensor, w: torch.Tensor, lo: int, hi: int, mm: torch.dtype, acc: torch.dtype) -> torch.Tensor:
-    """u_hat for input capsules lo..hi: u_t [n_in, B, d_in], w [n_in, n_out, d_out, d_in] -> [C, B, n_out, d_out]."""
-    n_out, d_out, d_in = w.shape[1:]
-    wc = w[lo:hi].reshape(hi - lo, n_out * d_out, d_in).transpose(1, 2).to(mm)
-    return torch.bmm(u_t[lo:hi].to(mm), wc).to(acc).view(hi - lo, -1, n_out, d_out)
-
-
-def _softmax_vjp(prob: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d logits of prob = softmax(logits, -1) given d prob."""
-    return prob * (grad - (prob * grad).sum(-1, keepdim=True))
-
-
-def _squash_vjp(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
-    """d s of v = squash(s) given d v (autograd on the small [B, n_out, d] tensor)."""
-    with torch.enable_grad():
-        s = s.detach().requires_grad_()
-        return torch.autograd.grad(squash(s), s, grad_v)[0]
+def _reduce(reduce: Reduce, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """`reduce` on the [B, n_out, d] view of a [B*n_out, d] partial sum."""
+    return reduce(x.view(-1, n_out, x.shape[-1])).view_as(x)
 
 
 def streaming_routing(

@@ -116,5 +116,5 @@ def test_never_holds_priors_of_more_than_chunk_inputs(monkeypatch, detach):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         v = layer(u)
     v.sum().backward()
-    assert shapes and max(s[0] for s in shapes) == 16
-    assert set(saved) == {u.shape, layer.weight.shape, torch.Size([5, 6, 8])}  # the rest are [B, n_out, d]
+    assert shapes and max(s[1] for s in shapes) == 16  # [B*n_out, C, d]
+    assert set(saved) == {u.shape, layer.weight.shape, torch.Size([30, 8])}  # the rest are [B*n_out, d]

@@ -1,0 +1,158 @@
+"""`python -m capsdist.memory_bench`: measured peak memory and time of one routed layer's forward + backward,
+default routing against streaming (chunked) routing, one JSON line per configuration.
+
+Method: every configuration runs in a fresh subprocess (so no allocator cache or earlier peak leaks in). It
+builds the layer and its input, runs one warm-up step, drops the gradients (as `optimizer.zero_grad()` does),
+resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`), notes VmRSS as the baseline, runs
+one timed forward + backward, and reports peak_bytes = VmHWM - baseline: the resident memory the step added on
+top of weights and inputs (W's gradient included). That is what the OS actually had to provide (torch's CPU allocator
+returns large blocks to it at once), so it is measured, not estimated; the profiler's memory tracking would
+count only torch allocations. `python -m capsdist.memory_bench --help` lists the sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> int:
+    """Reset the process's peak RSS to the current RSS; returns that RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_since_reset(baseline: int) -> int:
+    """Peak RSS since `reset_peak` above its baseline, in bytes."""
+    return _status_kib("VmHWM") * 1024 - baseline
+
+
+def measure_layer(
+    n_in: int,
+    chunk_size: int | None,
+    batch: int = 48,
+    n_out: int = 32,
+    d_in: int = 8,
+    d_out: int = 16,
+    iterations: int = 3,
+    detach: bool = False,
+    steps: int = 1,
+) -> dict[str, object]:
+    """Peak memory above weights+grads+inputs and median time of `steps` forward+backward steps, in this process."""
+    from capsdist.model import CapsLayer
+
+    torch.manual_seed(0)
+    layer = CapsLayer(n_in, d_in, n_out, d_out, iterations, detach, chunk_size)
+    u = torch.randn(batch, n_in, d_in).requires_grad_()
+    gout = torch.randn(batch, n_out, d_out)
+
+    def step() -> float:
+        u.grad = None
+        layer.zero_grad(set_to_none=True)  # as optimizer.zero_grad(): the step allocates W's gradient
+        start = time.perf_counter()
+        (layer(u) * gout).sum().backward()
+        return time.perf_counter() - start
+
+    step()  # warm-up (thread pools, allocator)
+    baseline = reset_peak()
+    times = [step() for _ in range(steps)]
+    peak = peak_since_reset(baseline)
+    return dict(
+        n_in=n_in,
+        chunk_size=chunk_size,
+        batch=batch,
+        n_out=n_out,
+        d_in=d_in,
+        d_out=d_out,
+        iterations=iterations,
+        detach=detach,
+        weight_bytes=layer.weight.numel() * 4,
+        priors_bytes=batch * n_in * n_out * d_out * 4,
+        peak_bytes=peak,
+        seconds=sorted(times)[len(times) // 2],
+        threads=torch.get_num_threads(),
+    )
+
+
+def time_ratio(n_in: int, chunk_size: int, rounds: int = 3, batch: int = 48, **layer: int) -> dict[str, object]:
+    """Median over `rounds` of (chunked step time / default step time), the two paths interleaved step by step
+    in one process, so load from other processes on a shared machine hits both alike."""
+    from capsdist.model import CapsLayer
+
+    torch.manual_seed(0)
+    n_out, d_in, d_out = layer.get("n_out", 32), layer.get("d_in", 8), layer.get("d_out", 16)
+    model = CapsLayer(n_in, d_in, n_out, d_out)
+    u = torch.randn(batch, n_in, d_in).requires_grad_()
+    gout = torch.randn(batch, n_out, d_out)
+
+    def step(chunk: int | None) -> float:
+        model.chunk_size, u.grad = chunk, None
+        start = time.perf_counter()
+        (model(u) * gout).sum().backward()
+        return time.perf_counter() - start
+
+    step(None), step(chunk_size)  # warm-up
+    pairs = [(step(None), step(chunk_size)) for _ in range(rounds)]
+    ratios = sorted(c / d for d, c in pairs)
+    return dict(
+        n_in=n_in,
+        chunk_size=chunk_size,
+        batch=batch,
+        default_seconds=sorted(d for d, _ in pairs)[rounds // 2],
+        chunked_seconds=sorted(c for _, c in pairs)[rounds // 2],
+        time_ratio=ratios[rounds // 2],
+        rounds=rounds,
+    )
+
+
+def measure_in_subprocess(**config: object) -> dict[str, object]:
+    """`measure_layer(**config)` (`time_ratio` with ratio=True) in a fresh Python process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "capsdist.memory_bench", "--one", json.dumps(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--default", type=int, nargs="*", default=[1024, 4096, 16384], help="n_in, default path")
+    parser.add_argument("--chunked", type=int, nargs="*", default=[1024, 4096, 16384, 65536], help="n_in, chunked")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per configuration (median)")
+    parser.add_argument("--ratio", type=int, nargs="*", default=[4096, 16384], help="n_in, interleaved time ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per time ratio")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        config = json.loads(args.one)
+        print(json.dumps(time_ratio(**config) if config.pop("ratio", False) else measure_layer(**config)), flush=True)
+        return
+    runs = [(n, None) for n in args.default] + [(n, args.chunk_size) for n in args.chunked]
+    for n_in, chunk in sorted(runs, key=lambda r: (r[0], r[1] is not None)):
+        row = measure_in_subprocess(n_in=n_in, chunk_size=chunk, batch=args.batch, steps=args.steps)
+        print(json.dumps(row), flush=True)
+    for n_in in args.ratio:
+        config = dict(n_in=n_in, chunk_size=args.chunk_size, batch=args.batch, rounds=args.rounds)
+        row = measure_in_subprocess(ratio=True, **config)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
