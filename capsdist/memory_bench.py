@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -123,6 +124,9 @@ def measure_in_subprocess(**config: object) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, "-m", "capsdist.memory_bench", "--one", json.dumps(config)],
         check=True,
+        # a fixed mmap threshold: glibc's dynamic one would keep freed chunks of up to 32 MB in the heap, inside
+        # the baseline RSS, where the timed step reuses them unseen
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
         capture_output=True,
         text=True,
     )
