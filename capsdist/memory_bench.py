@@ -61,10 +61,10 @@ def measure_layer(
     gout = torch.randn(batch, n_out, d_out)
 
     def step() -> float:
-        u.grad = None
-        layer.zero_grad(set_to_none=True)  # as optimizer.zero_grad(): the step allocates W's gradient
         start = time.perf_counter()
         (layer(u) * gout).sum().backward()
+        u.grad = None
+        layer.zero_grad(set_to_none=True)  # as optimizer.zero_grad(): the next step allocates W's gradient
         return time.perf_counter() - start
 
     step()  # warm-up (thread pools, allocator)
