@@ -88,6 +88,35 @@ def measure_layer(
     )
 
 
+def measure_capsnet(batch: int, chunk_size: int | None, image_size: int = 36, **model_args: object) -> dict:
+    """As `measure_layer`, for one train step (forward, margin + reconstruction loss, backward) of a whole CapsNet."""
+    from capsdist.losses import capsnet_loss
+    from capsdist.model import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(image_size=image_size, routing_chunk_size=chunk_size, **model_args)
+    x, labels = torch.rand(batch, 1, image_size, image_size), torch.randint(0, 10, (batch, 1))
+
+    def step() -> float:
+        start = time.perf_counter()
+        capsnet_loss(model(x, labels), labels, x.unsqueeze(1))[0].backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    baseline = reset_peak()
+    seconds = step()
+    return dict(
+        model="capsnet",
+        batch=batch,
+        chunk_size=chunk_size,
+        params=sum(p.numel() for p in model.parameters()),
+        routed_inputs=[layer.n_in for layer in model.caps],
+        peak_bytes=peak_since_reset(baseline),
+        seconds=seconds,
+    )
+
+
 def time_ratio(n_in: int, chunk_size: int, rounds: int = 3, batch: int = 48, **layer: int) -> dict[str, object]:
     """Median over `rounds` of (chunked step time / default step time), the two paths interleaved step by step
     in one process, so load from other processes on a shared machine hits both alike."""
@@ -119,8 +148,74 @@ def time_ratio(n_in: int, chunk_size: int, rounds: int = 3, batch: int = 48, **l
     )
 
 
+def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> None:  # pragma: no cover - subprocess
+    import torch.distributed as dist
+
+    from capsdist.capsule_parallel import ShardedCapsLayer
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    n_in, batch, chunk = config["n_in"], config.get("batch", 48), config.get("chunk_size")
+    n_out, d_in, d_out = config.get("n_out", 32), config.get("d_in", 8), config.get("d_out", 16)
+    torch.manual_seed(0)  # the same u on every rank; each rank initialises only its own slice of W
+    layer = ShardedCapsLayer(n_in, d_in, n_out, d_out, chunk_size=chunk)
+    torch.nn.init.normal_(layer.weight, std=0.01)
+    u = torch.randn(batch, n_in, d_in).requires_grad_()
+    gout = torch.randn(batch, n_out, d_out)
+
+    def step() -> float:
+        start = time.perf_counter()
+        (layer(u) * gout).sum().backward()
+        u.grad = None
+        layer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    dist.barrier()
+    baseline = reset_peak()
+    comm = layer.comm.bytes
+    seconds = step()
+    peak = peak_since_reset(baseline)
+    queue.put(
+        dict(
+            world=world,
+            rank=rank,
+            n_in=n_in,
+            chunk_size=chunk,
+            batch=batch,
+            local_inputs=layer.hi - layer.lo,
+            param_bytes=layer.weight.numel() * layer.weight.element_size(),
+            peak_bytes=peak,
+            comm_bytes_per_step=layer.comm.bytes - comm,
+            seconds=seconds,
+        )
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_sharded(world: int, **config: object) -> list[dict[str, object]]:
+    """Per-rank parameter bytes, measured step peak (as `measure_layer`, W's gradient slice included), payload
+    bytes all-reduced per step, for a `ShardedCapsLayer` across `world` gloo processes (one fresh process each)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"{tmp}/store"
+        procs = [ctx.Process(target=_sharded_rank, args=(r, world, store, config, queue)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        rows = [queue.get() for _ in range(world)]
+        for proc in procs:
+            proc.join()
+    return sorted(rows, key=lambda r: r["rank"])
+
+
 def measure_in_subprocess(**config: object) -> dict[str, object]:
-    """`measure_layer(**config)` (`time_ratio` with ratio=True) in a fresh Python process."""
+    """`measure_layer(**config)` in a fresh process (what="ratio": `time_ratio`, "capsnet": `measure_capsnet`)."""
     out = subprocess.run(
         [sys.executable, "-m", "capsdist.memory_bench", "--one", json.dumps(config)],
         check=True,
@@ -142,19 +237,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per configuration (median)")
     parser.add_argument("--ratio", type=int, nargs="*", default=[4096, 16384], help="n_in, interleaved time ratio")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per time ratio")
+    parser.add_argument("--sharded", type=int, nargs="*", default=[], help="world sizes of a sharded layer")
+    parser.add_argument("--sharded-n-in", type=int, default=16384)
+    parser.add_argument("--sharded-chunk", type=int, nargs="*", default=[0, 64], help="0: the slice in one chunk")
+    parser.add_argument("--model-config", help="a training config: measure its CapsNet's step, chunked and not")
+    parser.add_argument("--model-batch", type=int, default=2, help="batch of the --model-config measurement")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         config = json.loads(args.one)
-        print(json.dumps(time_ratio(**config) if config.pop("ratio", False) else measure_layer(**config)), flush=True)
+        what = config.pop("what", "layer")
+        fn = {"layer": measure_layer, "ratio": time_ratio, "capsnet": measure_capsnet}[what]
+        print(json.dumps(fn(**config)), flush=True)
         return
     runs = [(n, None) for n in args.default] + [(n, args.chunk_size) for n in args.chunked]
     for n_in, chunk in sorted(runs, key=lambda r: (r[0], r[1] is not None)):
         row = measure_in_subprocess(n_in=n_in, chunk_size=chunk, batch=args.batch, steps=args.steps)
         print(json.dumps(row), flush=True)
+    for chunk in args.sharded_chunk:
+        for world in args.sharded:
+            config = dict(n_in=args.sharded_n_in, chunk_size=chunk or None, batch=args.batch)
+            for row in measure_sharded(world, **config):
+                print(json.dumps(row), flush=True)
+    if args.model_config:
+        import inspect
+
+        import yaml
+
+        from capsdist.model import CapsNet
+
+        model = yaml.safe_load(Path(args.model_config).read_text())["model"]
+        keep = set(inspect.signature(CapsNet).parameters) - {"routing_chunk_size"}
+        model_args = {k: v for k, v in model.items() if k in keep}
+        for chunk in (None, model.get("routing_chunk_size") or args.chunk_size):
+            row = measure_in_subprocess(what="capsnet", batch=args.model_batch, chunk_size=chunk, **model_args)
+            print(json.dumps(row), flush=True)
     for n_in in args.ratio:
         config = dict(n_in=n_in, chunk_size=args.chunk_size, batch=args.batch, rounds=args.rounds)
-        row = measure_in_subprocess(ratio=True, **config)
+        row = measure_in_subprocess(what="ratio", **config)
         print(json.dumps(row), flush=True)
 
 
