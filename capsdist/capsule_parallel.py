@@ -64,19 +64,12 @@ class ShardedCapsLayer(nn.Module):
     """This rank's slice of a routed `CapsLayer`: full input capsules in, full routed output out (see module doc)."""
 
     def __init__(
-        self,
-        n_in: int,
-        d_in: int,
-        n_out: int,
-        d_out: int,
-        iterations: int = 3,
-        detach: bool = False,
-        chunk_size: int | None = None,
-        group: dist.ProcessGroup | None = None,
+        self, dims: tuple[int, int, int, int], routing: tuple[int, bool, int | None], group: dist.ProcessGroup | None
     ) -> None:
+        """dims: (n_in, d_in, n_out, d_out) of the whole layer; routing: (iterations, detach, chunk_size)."""
         super().__init__()
-        self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
-        self.iterations, self.detach, self.chunk_size, self.group = iterations, detach, chunk_size, group
+        self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out = dims
+        (self.iterations, self.detach, self.chunk_size), self.group = routing, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.lo, self.hi = shard_bounds(n_in, self.world, self.rank)
         self.weight = nn.Parameter(torch.empty(self.hi - self.lo, n_out, d_out, d_in))
@@ -85,9 +78,8 @@ class ShardedCapsLayer(nn.Module):
     @classmethod
     def from_layer(cls, layer: CapsLayer, group: dist.ProcessGroup | None = None) -> ShardedCapsLayer:
         """This rank's slice of `layer` (built with the same initialisation on every rank)."""
-        sharded = cls(
-            layer.n_in, layer.d_in, layer.n_out, layer.d_out, layer.iterations, layer.detach, layer.chunk_size, group
-        )
+        dims = (layer.n_in, layer.d_in, layer.n_out, layer.d_out)
+        sharded = cls(dims, (layer.iterations, layer.detach, layer.chunk_size), group)
         with torch.no_grad():
             sharded.weight.copy_(layer.weight[sharded.lo : sharded.hi])
         return sharded.to(layer.weight.device)

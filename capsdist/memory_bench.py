@@ -41,6 +41,20 @@ def peak_since_reset(baseline: int) -> int:
     return _status_kib("VmHWM") * 1024 - baseline
 
 
+def _layer_step(layer: torch.nn.Module, u: torch.Tensor, gout: torch.Tensor):
+    """One timed forward + backward of L = sum(layer(u) * gout); gradients dropped after it (as
+    `optimizer.zero_grad()` does), so each step allocates W's gradient anew."""
+
+    def step() -> float:
+        start = time.perf_counter()
+        (layer(u) * gout).sum().backward()
+        u.grad = None
+        layer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
 def measure_layer(
     n_in: int,
     chunk_size: int | None,
@@ -60,13 +74,7 @@ def measure_layer(
     u = torch.randn(batch, n_in, d_in).requires_grad_()
     gout = torch.randn(batch, n_out, d_out)
 
-    def step() -> float:
-        start = time.perf_counter()
-        (layer(u) * gout).sum().backward()
-        u.grad = None
-        layer.zero_grad(set_to_none=True)  # as optimizer.zero_grad(): the next step allocates W's gradient
-        return time.perf_counter() - start
-
+    step = _layer_step(layer, u, gout)
     step()  # warm-up (thread pools, allocator)
     baseline = reset_peak()
     times = [step() for _ in range(steps)]
@@ -158,18 +166,12 @@ def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> Non
     n_in, batch, chunk = config["n_in"], config.get("batch", 48), config.get("chunk_size")
     n_out, d_in, d_out = config.get("n_out", 32), config.get("d_in", 8), config.get("d_out", 16)
     torch.manual_seed(0)  # the same u on every rank; each rank initialises only its own slice of W
-    layer = ShardedCapsLayer(n_in, d_in, n_out, d_out, chunk_size=chunk)
+    layer = ShardedCapsLayer((n_in, d_in, n_out, d_out), (3, False, chunk), None)
     torch.nn.init.normal_(layer.weight, std=0.01)
     u = torch.randn(batch, n_in, d_in).requires_grad_()
     gout = torch.randn(batch, n_out, d_out)
 
-    def step() -> float:
-        start = time.perf_counter()
-        (layer(u) * gout).sum().backward()
-        u.grad = None
-        layer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
+    step = _layer_step(layer, u, gout)
     step()
     dist.barrier()
     baseline = reset_peak()

@@ -47,44 +47,42 @@ def _dot(u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u, vec.unsqueeze(2)).squeeze(2)
 
 
-class _Agreement(torch.autograd.Function):
-    """a[n, i] = u[n, i] . vec[n] for u [N, I, D] and vec [N, D]. Backward writes d u in u's own layout and
-    saves only what the needed gradients use."""
+class _InputContraction(torch.autograd.Function):
+    """A contraction over the input capsules of u [N, I, D] with a small operand. Backward writes d u in u's own
+    layout and saves only what the needed gradients use (with detached inner rounds, the last round's u is not
+    kept). Subclasses name the operation: `contract(small, u)`, `grad_small(u, grad)`, `grad_u(small, grad, im)`."""
 
-    @staticmethod
-    def forward(ctx, vec: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        need_vec, need_u = ctx.needs_input_grad
-        ctx.save_for_backward(vec if need_u else None, u if need_vec else None)
+    contract = grad_small = grad_u = None  # set by each subclass
+
+    @classmethod
+    def forward(cls, ctx, small: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        need_small, need_u = ctx.needs_input_grad
+        ctx.save_for_backward(small if need_u else None, u if need_small else None)
         ctx.input_major = _input_major(u)
-        return _dot(u, vec)
+        return cls.contract(small, u)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        """d vec = sum_i grad_i u_i; d u = grad (x) vec."""
-        vec, u = ctx.saved_tensors
-        grad_vec = None if u is None else _weighted_sum(grad, u)
-        grad_u = None if vec is None else _outer(grad, vec, ctx.input_major)
-        return grad_vec, grad_u
+    @classmethod
+    def backward(cls, ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        small, u = ctx.saved_tensors
+        grad_small = None if u is None else cls.grad_small(u, grad)
+        grad_u = None if small is None else cls.grad_u(small, grad, ctx.input_major)
+        return grad_small, grad_u
 
 
-class _WeightedSum(torch.autograd.Function):
-    """s[n] = sum_i coef[n, i] u[n, i] for coef [N, I] and u [N, I, D]. Backward writes d u in u's own layout
-    and saves only what the needed gradients use (with detached inner rounds, the last round's u is not kept)."""
+class _Agreement(_InputContraction):
+    """a[n, i] = u[n, i] . vec[n] (small = vec [N, D]): d vec = sum_i grad_i u_i, d u = grad (x) vec."""
 
-    @staticmethod
-    def forward(ctx, coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        need_coef, need_u = ctx.needs_input_grad
-        ctx.save_for_backward(coef if need_u else None, u if need_coef else None)
-        ctx.input_major = _input_major(u)
-        return _weighted_sum(coef, u)
+    contract = staticmethod(lambda vec, u: _dot(u, vec))
+    grad_small = staticmethod(lambda u, grad: _weighted_sum(grad, u))
+    grad_u = staticmethod(lambda vec, grad, input_major: _outer(grad, vec, input_major))
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        """d coef = u . grad; d u = coef (x) grad."""
-        coef, u = ctx.saved_tensors
-        grad_coef = None if u is None else _dot(u, grad)
-        grad_u = None if coef is None else _outer(coef, grad, ctx.input_major)
-        return grad_coef, grad_u
+
+class _WeightedSum(_InputContraction):
+    """s[n] = sum_i coef[n, i] u[n, i] (small = coef [N, I]): d coef = u . grad, d u = coef (x) grad."""
+
+    contract = staticmethod(_weighted_sum)
+    grad_small = staticmethod(_dot)
+    grad_u = staticmethod(_outer)
 
 
 def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
