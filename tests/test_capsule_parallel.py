@@ -29,6 +29,15 @@ LAYER_CONFIGS = [  # n_in (uneven for 2 and 4 ranks), iterations, detach, chunk_
 TINY = dict(conv_channels=8, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(16,))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny sizes, as the workers: one thread in the test process too (a loaded 2-core machine stalls otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def spawn(fn, world: int, tmp_path: Path, *args) -> None:
     mp.spawn(_worker, args=(fn, world, str(tmp_path), *args), nprocs=world, join=True)
 
