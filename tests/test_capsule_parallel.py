@@ -19,7 +19,9 @@ from capsdist.capsule_parallel import (
 )
 from capsdist.losses import capsnet_loss
 from capsdist.model import CapsLayer, CapsNet
+from tests.single_thread import one_thread  # noqa: F401 (the fixture pytestmark uses)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER_CONFIGS = [  # n_in (uneven for 2 and 4 ranks), iterations, detach, chunk_size
     (13, 3, False, None),
     (13, 3, False, 2),
@@ -27,15 +29,6 @@ LAYER_CONFIGS = [  # n_in (uneven for 2 and 4 ranks), iterations, detach, chunk_
     (13, 1, False, None),
 ]
 TINY = dict(conv_channels=8, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(16,))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sizes, as the workers: one thread in the test process too (a loaded 2-core machine stalls otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def spawn(fn, world: int, tmp_path: Path, *args) -> None:
@@ -157,5 +150,3 @@ def test_two_process_training_equals_one_process(tmp_path):
         torch.testing.assert_close(plain(x).caps, want, rtol=1e-4, atol=1e-6)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"resumed{rank}.pt"), want, rtol=1e-4, atol=1e-6)
-
-

@@ -8,7 +8,9 @@ from capsdist.losses import capsnet_loss
 from capsdist.model import CapsLayer, CapsNet
 from capsdist.reference import plain_routing
 from capsdist.streaming import streaming_routing
+from tests.single_thread import one_thread  # noqa: F401 (the fixture pytestmark uses)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(conv_channels=16, primary_channels=4, primary_dim=4, decoder_hidden=(32, 48))
 
 
@@ -20,15 +22,6 @@ def layer_value_and_grads(layer: CapsLayer, u: torch.Tensor, weights: torch.Tens
     v = layer(x)
     (v * weights).sum().backward()
     return v.detach(), x.grad, layer.weight.grad.clone()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These sizes are tiny: one thread, so a loaded 2-core machine does not stall every op in thread barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 3])
