@@ -1,11 +1,12 @@
 """The plain formulations of routing and of a routed layer, kept as the honest baseline for bench and tests.
 
-`plain_routing` is Procedure 1 of the paper written the straightforward way (two einsums per round on
-[B, n_in, n_out, d]): the one reference the fast (`capsdist.routing`) and streaming (`capsdist.streaming`)
-paths are tested against. `ReferenceCapsLayer` is the formulation popular CapsNet ports use: priors by
-broadcasting W [1, n_out, n_in, d_out, d_in] over the batch with `torch.matmul`, routed with the priors
-detached in every round but the last (as in XifengGuo/CapsNet-Pytorch). Same parameters and, up to float
-rounding, the same values as capsdist's `CapsLayer` with detach=True.
+`plain_routing` is Procedure 1 of the paper written the straightforward way (broadcast products and sums on
+[B, n_in, n_out, d], any memory layout, no copies): the one reference the fast (`capsdist.routing`) and
+streaming (`capsdist.streaming`) paths are tested against. `ReferenceCapsLayer` is the formulation popular
+CapsNet ports use: priors by broadcasting W [1, n_out, n_in, d_out, d_in] over the batch with `torch.matmul`,
+routed (by `plain_routing`, on their layout) with the priors detached in every round but the last (as in
+XifengGuo/CapsNet-Pytorch). Same parameters and, up to float rounding, the same values as capsdist's
+`CapsLayer` with detach=True.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def plain_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)
     for it in range(iterations):
         u_it = u_hat if it == iterations - 1 else inner
-        v = plain_squash(torch.einsum("bij,bijd->bjd", torch.softmax(b, dim=2), u_it))
-        b = b + torch.einsum("bijd,bjd->bij", u_it, v)
+        v = plain_squash((torch.softmax(b, dim=2).unsqueeze(-1) * u_it).sum(dim=1))
+        if it < iterations - 1:
+            b = b + (u_it * v.unsqueeze(1)).sum(dim=-1)
     return v
 
 
