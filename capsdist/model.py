@@ -14,6 +14,7 @@ from torch import nn
 
 from capsdist.conv import strided_conv2d
 from capsdist.routing import dynamic_routing, squash
+from capsdist.streaming import streaming_routing
 
 
 class CapsOutput(NamedTuple):
@@ -50,12 +51,25 @@ class PrimaryCaps(nn.Module):
 
 
 class CapsLayer(nn.Module):
-    """A routed capsule layer: a separate W_ij (d_out x d_in) per (input i, output j) pair, no bias."""
+    """A routed capsule layer: a separate W_ij (d_out x d_in) per (input i, output j) pair, no bias.
 
-    def __init__(self, n_in: int, d_in: int, n_out: int, d_out: int, iterations: int = 3, detach: bool = False) -> None:
+    With `chunk_size` C, routing streams over C input capsules at a time (`capsdist.streaming`): the priors of
+    at most C inputs exist at once in forward and backward, for the same values and gradients.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        d_in: int,
+        n_out: int,
+        d_out: int,
+        iterations: int = 3,
+        detach: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
-        self.iterations, self.detach = iterations, detach
+        self.iterations, self.detach, self.chunk_size = iterations, detach, chunk_size
         self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * 0.01)
 
     def priors(self, u: torch.Tensor) -> torch.Tensor:
@@ -70,6 +84,8 @@ class CapsLayer(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
+        if self.chunk_size is not None:
+            return streaming_routing(u, self.weight, self.iterations, self.detach, self.chunk_size)
         return dynamic_routing(self.priors(u), self.iterations, self.detach)
 
 
@@ -104,6 +120,7 @@ class CapsNet(nn.Module):
 
     `caps_layers` lists (count, dim) of each routed layer after PrimaryCaps; the last count is the number of
     classes. Defaults are the paper's MNIST model; image_size=36 gives the MultiMNIST model (3,200 primaries).
+    `routing_chunk_size` streams every routed layer over that many input capsules at a time (see CapsLayer).
     """
 
     def __init__(
@@ -122,6 +139,7 @@ class CapsNet(nn.Module):
         detach_routing: bool = False,
         decoder_hidden: Sequence[int] = (512, 1024),
         reconstruction: bool = True,
+        routing_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
@@ -136,7 +154,7 @@ class CapsNet(nn.Module):
         self.primary = PrimaryCaps(conv_channels, primary_channels, primary_dim, primary_kernel, primary_stride)
         dims = [(self.num_primary, primary_dim), *layers]
         self.caps = nn.ModuleList(
-            CapsLayer(n_in, d_in, n_out, d_out, routing_iterations, detach_routing)
+            CapsLayer(n_in, d_in, n_out, d_out, routing_iterations, detach_routing, routing_chunk_size)
             for (n_in, d_in), (n_out, d_out) in zip(dims[:-1], dims[1:], strict=True)
         )
         out_dim = layers[-1][1]

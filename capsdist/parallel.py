@@ -31,10 +31,11 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from capsdist.capsule_parallel import ShardedCapsLayer  # capsule parallelism lives in its own pure-torch module
 from capsdist.lightning_compat import PrivateFSDPOverrides
 from capsdist.model import CapsLayer, Decoder
 
-__all__ = ["CapsFSDPStrategy", "SlurmRequeue", "capsnet_wrap_policy"]
+__all__ = ["CapsFSDPStrategy", "ShardedCapsLayer", "SlurmRequeue", "capsnet_wrap_policy"]
 
 
 def capsnet_wrap_policy() -> ModuleWrapPolicy:

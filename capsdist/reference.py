@@ -1,8 +1,12 @@
-"""The prior/routing formulation popular CapsNet ports use, kept as the honest baseline for bench and tests.
+"""The plain formulations of routing and of a routed layer, kept as the honest baseline for bench and tests.
 
-Priors by broadcasting W [1, n_out, n_in, d_out, d_in] over the batch with `torch.matmul`, then routing on
-[B, n_out, n_in, d] with the priors detached in every round but the last (as in XifengGuo/CapsNet-Pytorch).
-Same parameters and, up to float rounding, the same values as capsdist's `CapsLayer` with detach=True.
+`plain_routing` is Procedure 1 of the paper written the straightforward way (broadcast products and sums on
+[B, n_in, n_out, d], any memory layout, no copies): the one reference the fast (`capsdist.routing`) and
+streaming (`capsdist.streaming`) paths are tested against. `ReferenceCapsLayer` is the formulation popular
+CapsNet ports use: priors by broadcasting W [1, n_out, n_in, d_out, d_in] over the batch with `torch.matmul`,
+routed (by `plain_routing`, on their layout) with the priors detached in every round but the last (as in
+XifengGuo/CapsNet-Pytorch). Same parameters and, up to float rounding, the same values as capsdist's
+`CapsLayer` with detach=True.
 """
 
 from __future__ import annotations
@@ -21,6 +25,20 @@ def plain_squash(s: torch.Tensor) -> torch.Tensor:
     return norm2 / (1 + norm2) * s / torch.sqrt(norm2 + 1e-8)
 
 
+def plain_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
+    """Procedure 1 on priors u_hat [B, n_in, n_out, d] -> v [B, n_out, d]: c = softmax over OUTPUT capsules,
+    s_j = sum_i c_ij u_hat_j|i, v = squash(s), b_ij += u_hat_j|i . v_j; with `detach`, every round but the last
+    sees u_hat detached."""
+    inner = u_hat.detach() if detach else u_hat
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)
+    for it in range(iterations):
+        u_it = u_hat if it == iterations - 1 else inner
+        v = plain_squash((torch.softmax(b, dim=2).unsqueeze(-1) * u_it).sum(dim=1))
+        if it < iterations - 1:
+            b = b + (u_it * v.unsqueeze(1)).sum(dim=-1)
+    return v
+
+
 class ReferenceCapsLayer(nn.Module):
     """A routed capsule layer in the ports' formulation: W broadcast over the batch, detached inner rounds."""
 
@@ -37,16 +55,7 @@ class ReferenceCapsLayer(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
         u_hat = torch.matmul(self.weight, u[:, None, :, :, None]).squeeze(-1)  # [B, n_out, n_in, d_out]
-        detached = u_hat.detach()
-        b = torch.zeros(u_hat.shape[:3], device=u.device)
-        for it in range(self.iterations):
-            c = torch.softmax(b, dim=1)
-            if it == self.iterations - 1:
-                v = plain_squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
-            else:
-                v = plain_squash((c.unsqueeze(-1) * detached).sum(dim=2))
-                b = b + (detached * v.unsqueeze(2)).sum(dim=-1)
-        return v
+        return plain_routing(u_hat.transpose(1, 2), self.iterations, detach=True)
 
 
 def reference_twin(model: CapsNet) -> CapsNet:

@@ -47,29 +47,42 @@ def _dot(u: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u, vec.unsqueeze(2)).squeeze(2)
 
 
-class _ContractInputs(torch.autograd.Function):
-    """The two contractions over input capsules, u [N, I, D] with a small operand: the agreement u . vec [N, I]
-    or the weighted sum sum_i coef_i u_i [N, D]. Backward writes d u in u's own layout and saves only what the
-    needed gradients use (with detached inner rounds, the last round's u is not kept alive)."""
+class _InputContraction(torch.autograd.Function):
+    """A contraction over the input capsules of u [N, I, D] with a small operand. Backward writes d u in u's own
+    layout and saves only what the needed gradients use (with detached inner rounds, the last round's u is not
+    kept). Subclasses name the operation: `contract(small, u)`, `grad_small(u, grad)`, `grad_u(small, grad, im)`."""
 
-    @staticmethod
-    def forward(ctx, small: torch.Tensor, u: torch.Tensor, agreement: bool) -> torch.Tensor:  # type: ignore[override]
-        """`_dot(u, small)` if `agreement` else `_weighted_sum(small, u)`."""
-        need_small, need_u, _ = ctx.needs_input_grad
+    contract = grad_small = grad_u = None  # set by each subclass
+
+    @classmethod
+    def forward(cls, ctx, small: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        need_small, need_u = ctx.needs_input_grad
         ctx.save_for_backward(small if need_u else None, u if need_small else None)
-        ctx.input_major, ctx.agreement = _input_major(u), agreement
-        return _dot(u, small) if agreement else _weighted_sum(small, u)
+        ctx.input_major = _input_major(u)
+        return cls.contract(small, u)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
-        """Agreement: d vec = sum_i grad_i u_i, d u = grad (x) vec; sum: d coef = u . grad, d u = coef (x) grad."""
+    @classmethod
+    def backward(cls, ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
         small, u = ctx.saved_tensors
-        grad_small = grad_u = None
-        if u is not None:
-            grad_small = _weighted_sum(grad, u) if ctx.agreement else _dot(u, grad)
-        if small is not None:
-            grad_u = _outer(grad, small, ctx.input_major) if ctx.agreement else _outer(small, grad, ctx.input_major)
-        return grad_small, grad_u, None
+        grad_small = None if u is None else cls.grad_small(u, grad)
+        grad_u = None if small is None else cls.grad_u(small, grad, ctx.input_major)
+        return grad_small, grad_u
+
+
+class _Agreement(_InputContraction):
+    """a[n, i] = u[n, i] . vec[n] (small = vec [N, D]): d vec = sum_i grad_i u_i, d u = grad (x) vec."""
+
+    contract = staticmethod(lambda vec, u: _dot(u, vec))
+    grad_small = staticmethod(lambda u, grad: _weighted_sum(grad, u))
+    grad_u = staticmethod(lambda vec, grad, input_major: _outer(grad, vec, input_major))
+
+
+class _WeightedSum(_InputContraction):
+    """s[n] = sum_i coef[n, i] u[n, i] (small = coef [N, I]): d coef = u . grad, d u = coef (x) grad."""
+
+    contract = staticmethod(_weighted_sum)
+    grad_small = staticmethod(_dot)
+    grad_u = staticmethod(_outer)
 
 
 def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
@@ -92,8 +105,8 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = Fal
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)
         logits = None
         for it in range(1, iterations):
-            agreement = _ContractInputs.apply(v, inner, True)
+            agreement = _Agreement.apply(v, inner)
             logits = agreement if logits is None else logits + agreement
             coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1).view(batch * n_out, n_in)
-            v = squash(_ContractInputs.apply(coupling, flat if it == iterations - 1 else inner, False))
+            v = squash(_WeightedSum.apply(coupling, flat if it == iterations - 1 else inner))
     return v.view(batch, n_out, d)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -258,28 +257,28 @@ def train_stage(check: Check, reserve_s: float) -> None:
         check.emit({"what": "pretrained", "exit_code": code, "error": "see device_check.log"})
 
 
-def optional_stages(check: Check) -> list[Callable[[Check], None]]:
-    """Stages beyond the issue's core that run only with time to spare (e.g. chunked-routing memory rows)."""
-    stages = []
-    if (ROOT / "capsdist" / "memory_bench.py").is_file():
-
-        def memory(check: Check) -> None:
-            size = ["--smoke"] if SMOKE else []
-            code, out = check.run(
-                "memory_bench", [sys.executable, "-m", "capsdist.memory_bench", "--device", DEVICE, *size], 90
-            )
-            for row in json_lines(out):
-                check.emit({**row, "stage": "memory_bench"})
-
-        stages.append(memory)
-    return stages
+def memory_stage(check: Check) -> None:
+    """Streaming (chunked) against default routing: peak memory and time of one routed layer (capsdist.bench.memory)."""
+    sizes = (
+        "--default 256 --chunked 256 --ratio 256"
+        if SMOKE
+        else "--default 1024 4096 16384 --chunked 1024 4096 16384 65536 --ratio 4096 16384"
+    )
+    argv = [sys.executable, "-m", "capsdist.bench.memory", "--device", DEVICE, *sizes.split()]
+    code, out = check.run("bench_memory", argv, 90)
+    for row in json_lines(out):
+        check.emit(
+            {**row, "what": "routing_memory" if "peak_bytes" in row else "routing_time_ratio", "stage": "bench_memory"}
+        )
+    if code not in (0, None):
+        check.emit({"what": "bench_memory", "exit_code": code, "error": "see device_check.log"})
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run every stage within the budget; exit 1 if any stage reported a failure."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT") or "device_check_out", help="folder for the results")
-    parser.add_argument("--budget", type=float, default=150 if SMOKE else 560, help="seconds for all stages")
+    parser.add_argument("--budget", type=float, default=400 if SMOKE else 560, help="seconds for all stages")
     parser.add_argument(
         "--train-reserve",
         type=float,
@@ -292,9 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     tests_stage(check)
     train_stage(check, args.train_reserve)  # the shipped model first: the benchmarks take what is left
     bench_stages(check, compiled=False)
+    memory_stage(check)
     bench_stages(check, compiled=True)
-    for stage in optional_stages(check):
-        stage(check)
     shutil.rmtree(check.work, ignore_errors=True)
     text = (check.out / "device_check.jsonl").read_text()
     failures = [r for r in json_lines(text) if r.get("exit_code") not in (None, 0) or r.get("failed")]

@@ -103,6 +103,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for tests of tiny tensors, restored afterwards: on a loaded 2-core machine every op of a
+    multi-threaded run waits in thread barriers, which makes many-small-op tests (gradcheck, chunked routing)
+    ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def test_split() -> tuple[torch.Tensor, torch.Tensor]:
     """The first 600 images of the shipped MNIST test split."""

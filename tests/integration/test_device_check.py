@@ -35,6 +35,7 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     measured = {(r["precision"], r["impl"]) for r in by_what["train_step"]}
     assert measured >= {("32", "reference"), ("32", "capsdist"), ("bf16-mixed", "capsdist")}
     assert by_what["onthefly"][0]["images_per_s"] > 0
+    assert {r["chunk_size"] for r in by_what["routing_memory"]} == {None, 64} and by_what["routing_time_ratio"]
     assert by_what["done"][0]["failures"] == 0
     # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
     shipped = by_what["pretrained"][0]

@@ -208,8 +208,8 @@ def test_fsdp_two_cpu_processes_large_config_reloads_in_one_process(tmp_path: Pa
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
     module = CapsNetModule.load_from_checkpoint(last, map_location="cpu")  # full tensors, strict, one process
-    n_primary = 4 * 6 * 6  # primary_channels x 6 x 6 grid on 28 px
+    n_primary = 4 * 10 * 10  # primary_channels x 10 x 10 grid on 36 px MultiMNIST
     assert tuple(module.model.caps[0].weight.shape) == (n_primary, 8, 8, 8)
     assert tuple(module.model.caps[1].weight.shape) == (8, 10, 16, 8)
-    lengths = module(torch.rand(2, 1, 28, 28))
+    lengths = module(torch.rand(2, 1, 36, 36))
     assert lengths.shape == (2, 10) and torch.isfinite(lengths).all()

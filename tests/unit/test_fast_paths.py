@@ -6,21 +6,10 @@ import torch
 from capsdist.conv import strided_conv2d
 from capsdist.losses import capsnet_loss
 from capsdist.model import CapsLayer, CapsNet
-from capsdist.reference import ReferenceCapsLayer, reference_twin
-from capsdist.routing import dynamic_routing, squash
+from capsdist.reference import ReferenceCapsLayer, plain_routing, reference_twin
+from capsdist.routing import dynamic_routing
 
 TINY = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(32, 48))
-
-
-def plain_routing(u_hat: torch.Tensor, iterations: int, detach: bool) -> torch.Tensor:
-    """Procedure 1 with two einsums per round on [B, n_in, n_out, d]: the formulation before optimisation."""
-    inner = u_hat.detach() if detach else u_hat
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for it in range(iterations):
-        u_it = u_hat if it == iterations - 1 else inner
-        v = squash(torch.einsum("bij,bijd->bjd", torch.softmax(b, dim=2), u_it))
-        b = b + torch.einsum("bijd,bjd->bij", u_it, v)
-    return v
 
 
 def priors(batch: int, n_in: int, n_out: int, d: int, input_major: bool, dtype: torch.dtype) -> torch.Tensor:
