@@ -54,7 +54,7 @@ def evaluate(trained: Trained, loader: Any, device: str) -> dict[str, float]:
     loss_sum, samples = 0.0, 0
     for batch in loader:
         batch = {k: batch[k].to(device) for k in ("image", "labels", "recon")}
-        total = eval_batch(trained.model, batch, trained.recon_weight, metrics)
+        total, _ = eval_batch(trained.model, batch, trained.recon_weight, metrics)
         loss_sum += float(total) * batch["labels"].shape[0]
         samples += batch["labels"].shape[0]
     if samples == 0:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from capsdist.conv import strided_conv2d
-from capsdist.routing import dynamic_routing, squash
+from capsdist.routing import RoutingStats, dynamic_routing, squash
 from capsdist.streaming import streaming_routing
 
 
@@ -70,6 +70,7 @@ class CapsLayer(nn.Module):
         super().__init__()
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
         self.iterations, self.detach, self.chunk_size = iterations, detach, chunk_size
+        self.routing_stats: RoutingStats | None = None  # set by capsdist.routing.recording_routing_stats
         self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * 0.01)
 
     def priors(self, u: torch.Tensor) -> torch.Tensor:
@@ -84,9 +85,9 @@ class CapsLayer(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
-        if self.chunk_size is not None:
+        if self.chunk_size is not None:  # records no routing statistics (the coupling never exists whole)
             return streaming_routing(u, self.weight, self.iterations, self.detach, self.chunk_size)
-        return dynamic_routing(self.priors(u), self.iterations, self.detach)
+        return dynamic_routing(self.priors(u), self.iterations, self.detach, self.routing_stats)
 
 
 class Decoder(nn.Module):

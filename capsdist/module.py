@@ -7,7 +7,6 @@ W&B (images go to any logger with a ``log_image`` method).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -39,12 +38,15 @@ class CapsNetModule(pl.LightningModule):
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
         log_images_every_n_steps: int = 500,
+        log_diagnostics_every_n_steps: int = 100,
         init_weights: str | None = None,
         **model_args: Any,
     ) -> None:
         """`model_args` are CapsNet's (capsdist.model; the CLI lists them with their types and defaults);
         num_targets is digits per image (2: MultiMNIST); the learning rate decays as
-        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr; `init_weights`, a .safetensors file
+        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr; `log_diagnostics_every_n_steps` sets how often
+        capsdist.diagnostics logs routing statistics and the gradient norm in training (0: no capsule diagnostics
+        at all, also none at validation); `init_weights`, a .safetensors file
         (e.g. pretrained/capsnet-mnist.safetensors), starts the model from those weights (fine-tuning)."""
         super().__init__()
         self.save_hyperparameters()
@@ -53,7 +55,6 @@ class CapsNetModule(pl.LightningModule):
             init_from(self.model, init_weights)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()
-        self._batch_started = 0.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Capsule lengths [B, num_classes]: the class scores."""
@@ -72,14 +73,15 @@ class CapsNetModule(pl.LightningModule):
             self._log_images(batch["image"], out.recon)
         return total
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: CapsMetrics, stage: str) -> None:
-        """Test-time forward (decoder masked by the longest capsules), loss and metrics."""
-        total = eval_batch(self.model, batch, self.hparams.recon_weight, metrics)
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: CapsMetrics, stage: str) -> dict[str, Any]:
+        """Test-time forward (decoder masked by the longest capsules), loss and metrics; the outputs for callbacks."""
+        total, out = eval_batch(self.model, batch, self.hparams.recon_weight, metrics)
         self.log(f"{stage}/loss", total, sync_dist=True, batch_size=batch["labels"].shape[0])
+        return {"lengths": out.lengths, "recon": out.recon}
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Validation loss and metrics."""
-        self._eval_step(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Validation loss and metrics; capsule lengths and reconstructions go on to capsdist.diagnostics."""
+        return self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Test loss and metrics."""
@@ -98,16 +100,6 @@ class CapsNetModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Log test accuracy/error."""
         self._log_metrics(self.test_metrics, "test")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Start the images/s clock."""
-        self._batch_started = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Log training throughput over all ranks."""
-        seconds = time.perf_counter() - self._batch_started
-        images = batch["image"].shape[0] * self.trainer.world_size
-        self.log("train/images_per_s", images / max(seconds, 1e-9), prog_bar=True)
 
     def _log_images(self, images: torch.Tensor, recon: torch.Tensor) -> None:
         """Send a grid of inputs beside their reconstructions to the loggers that take images (W&B's log_image)."""

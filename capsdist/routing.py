@@ -11,7 +11,12 @@ straight into that input-major layout, which the prior matmul's backward reads w
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 SQUASH_EPS = 1e-8  # inside the square root: keeps squash and its gradient finite at s = 0
 
@@ -85,13 +90,50 @@ class _WeightedSum(_InputContraction):
     grad_u = staticmethod(_outer)
 
 
-def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
+class RoutingStats:
+    """Per-round summaries of the coupling coefficients c_i. (softmax over outputs), for the dashboard: mean
+    entropy (it falls as routing sharpens) and mean largest coupling. Filled only while a layer records."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def reset(self) -> None:
+        """Forget what was recorded."""
+        self.sums, self.counts = {}, {}
+
+    @torch.no_grad()
+    def record(self, round_: int, coupling: torch.Tensor | None, n_out: int, device: torch.device) -> None:
+        """Add round `round_`'s coupling [..., n_out (dim 1), n_in]; None means uniform (round 1)."""
+        if coupling is None:
+            entropy_max = torch.tensor([math.log(n_out), 1.0 / n_out], device=device)
+        else:
+            c = coupling.float()
+            entropy = -(c * c.clamp_min(1e-12).log()).sum(dim=1).mean()
+            entropy_max = torch.stack([entropy, c.amax(dim=1).mean()])
+        self.sums[round_] = self.sums.get(round_, 0) + entropy_max
+        self.counts[round_] = self.counts.get(round_, 0) + 1
+
+    def as_metrics(self, prefix: str) -> dict[str, torch.Tensor]:
+        """{prefix/routing_entropy/iterK, prefix/routing_max_coupling/iterK} averaged over the recorded calls."""
+        out = {}
+        for k in sorted(self.sums):
+            mean = self.sums[k] / self.counts[k]
+            out[f"{prefix}/routing_entropy/iter{k}"] = mean[0]
+            out[f"{prefix}/routing_max_coupling/iter{k}"] = mean[1]
+        return out
+
+
+def dynamic_routing(
+    u_hat: torch.Tensor, iterations: int = 3, detach: bool = False, stats: RoutingStats | None = None
+) -> torch.Tensor:
     """Route prediction vectors u_hat [B, n_in, n_out, d] to output capsules v [B, n_out, d].
 
     Logits b start at 0; each round c_i = softmax_j(b_i) over the n_out output capsules,
     s_j = sum_i c_ij u_hat_j|i, v_j = squash(s_j), then b_ij += u_hat_j|i . v_j (skipped after the last round).
     With `detach`, every round but the last sees u_hat detached (values identical, cheaper backward).
-    Any memory layout is accepted; the input-major one of `CapsLayer.priors` avoids every copy.
+    Any memory layout is accepted; the input-major one of `CapsLayer.priors` avoids every copy. With `stats`, each
+    round's coupling entropy and largest coupling are added to it (no coupling tensor is kept).
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
@@ -103,10 +145,28 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = Fal
         inner = flat.detach() if detach else flat
         # round 1: the softmax of all-zero logits is uniform, so s_j is the plain mean over inputs
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)
+        if stats is not None:
+            stats.record(1, None, n_out, u.device)
         logits = None
         for it in range(1, iterations):
             agreement = _Agreement.apply(v, inner)
             logits = agreement if logits is None else logits + agreement
-            coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1).view(batch * n_out, n_in)
-            v = squash(_WeightedSum.apply(coupling, flat if it == iterations - 1 else inner))
+            coupling = torch.softmax(logits.view(batch, n_out, n_in), dim=1)
+            if stats is not None:
+                stats.record(it + 1, coupling, n_out, u.device)
+            v = squash(_WeightedSum.apply(coupling.view(batch * n_out, n_in), flat if it == iterations - 1 else inner))
     return v.view(batch, n_out, d)
+
+
+@contextmanager
+def recording_routing_stats(model: nn.Module, stats: RoutingStats) -> Iterator[RoutingStats]:
+    """Within the block, every routed layer of `model` (anything with a `routing_stats` attribute) adds its
+    per-round coupling statistics to `stats`; outside it the fast path computes none."""
+    layers = [m for m in model.modules() if hasattr(m, "routing_stats")]
+    for layer in layers:
+        layer.routing_stats = stats
+    try:
+        yield stats
+    finally:
+        for layer in layers:
+            layer.routing_stats = None

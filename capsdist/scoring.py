@@ -6,15 +6,15 @@ import torch
 
 from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics
-from capsdist.model import CapsNet
+from capsdist.model import CapsNet, CapsOutput
 
 
 def eval_batch(
     model: CapsNet, batch: dict[str, torch.Tensor], recon_weight: float, metrics: CapsMetrics
-) -> torch.Tensor:
-    """Test-time forward (decoder masked by the longest capsules); update ``metrics``; return the batch's loss."""
+) -> tuple[torch.Tensor, CapsOutput]:
+    """Test-time forward (decoder masked by the longest capsules); update ``metrics``; (the batch's loss, outputs)."""
     labels = batch["labels"]
     out = model(batch["image"], k=labels.shape[1])
     total, _, _ = capsnet_loss(out, labels, batch["recon"], recon_weight)
     metrics.update(out.lengths, labels)
-    return total
+    return total, out

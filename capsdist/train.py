@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 
 from capsdist import user_errors
 from capsdist.data.modules import CapsDataModule
+from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.parallel import SlurmRequeue
@@ -60,7 +61,9 @@ class CapsCLI(PrivateOverrides):
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         if not any(isinstance(c, SlurmRequeue) for c in callbacks):
             callbacks.append(SlurmRequeue())  # inert outside SLURM; replaces Lightning's deadlock-prone handler
-        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock()]
+        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), CapsuleDiagnostics()]
+        # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
+        callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
