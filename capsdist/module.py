@@ -105,8 +105,8 @@ class CapsNetModule(pl.LightningModule):
         self.log("train/images_per_s", images / max(seconds, 1e-9), prog_bar=True)
 
     def _image_loggers(self) -> list[Any]:
-        """The loggers that take images (W&B's log_image), when image logging is on."""
-        if not self.hparams.log_images_every_n_steps:
+        """The loggers that take images (W&B's log_image), when image logging is on and there is a decoder."""
+        if not self.hparams.log_images_every_n_steps or self.model.decoder is None:
             return []
         return [logger for logger in self.loggers if callable(getattr(logger, "log_image", None))]
 

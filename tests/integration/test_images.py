@@ -39,3 +39,12 @@ def test_wandb_images_are_visible_and_captioned(tmp_path):
     assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 2
     assert "masked by the predicted capsule" in caption and "; ".join(texts) in caption
     assert texts[0].startswith(f"label {labels[0]}, predicted ")
+
+
+def test_model_without_decoder_logs_no_pictures(tmp_path):
+    main(["fit", *TINY, "--trainer.max_steps=2", "--data.train_samples=64", "--data.val_samples=32",
+          f"--trainer.default_root_dir={tmp_path}", "--wandb_mode=offline", "--model.reconstruction=false",
+          "--model.log_images_every_n_steps=1"])  # fmt: skip
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert any("val/error" in row for row in history(run))  # validated, with nothing to draw
+    assert not list(run.rglob("*.png"))
