@@ -19,6 +19,7 @@ from capsdist.images import reconstruction_sheet
 from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
+from capsdist.pretrained import init_from
 from capsdist.scoring import eval_batch
 
 
@@ -38,14 +39,18 @@ class CapsNetModule(pl.LightningModule):
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
         log_images_every_n_steps: int = 500,
+        init_weights: str | None = None,
         **model_args: Any,
     ) -> None:
         """`model_args` are CapsNet's (capsdist.model; the CLI lists them with their types and defaults);
         num_targets is digits per image (2: MultiMNIST); the learning rate decays as
-        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
+        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr; `init_weights`, a .safetensors file
+        (e.g. pretrained/capsnet-mnist.safetensors), starts the model from those weights (fine-tuning)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = CapsNet(**model_args)
+        if init_weights:
+            init_from(self.model, init_weights)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()
         self._batch_started = 0.0
