@@ -1,9 +1,9 @@
 """`python -m capsdist.report RUN_DIR... [--format markdown|csv|json]`: one row per run folder, as Table 1.
 
-Reads only what every run leaves on disk (its ``config.yaml`` and ``csv/version_*/metrics.csv``; no W&B): routing
-iterations, reconstruction, steps, best and final validation error, test error (when ``test`` was run into the
-same folder), training images/s (median of the logged steps) and wall time (``time/elapsed_s`` at the last
-validation of each fit process, summed over resumes).
+Reads only what every run leaves on disk (its ``config.yaml``, ``csv/version_*/metrics.csv`` and the step count of
+``checkpoints/last.ckpt``; no W&B): routing iterations, reconstruction, steps, best and final validation error,
+test error (when ``test`` was run into the same folder), training images/s (median of the logged steps) and wall
+time (``time/elapsed_s`` at the last validation of each fit process, summed over resumes).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from capsdist import CapsdistError, user_errors
@@ -43,6 +44,15 @@ def _column(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(row[key]) for row in rows if row.get(key)]
 
 
+def trained_steps(run_dir: Path, rows: list[dict[str, str]]) -> int:
+    """Optimizer steps: ``last.ckpt``'s global step (memory-mapped: no weights read), else the CSV's last step + 1
+    (the CSV's step column is 0-based and, after a resume, not exact)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(max(_column(rows, "step"), default=-1)) + 1
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """One run folder's Table 1 row (errors as fractions, None where the run logged nothing of the kind)."""
     run_dir = Path(run_dir)
@@ -64,7 +74,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "run": run_dir.name,
         "routing_iterations": model.get("routing_iterations"),
         "reconstruction": model.get("reconstruction"),
-        "steps": int(max(_column(rows, "step"), default=-1)) + 1,  # the CSV's step is 0-based
+        "steps": trained_steps(run_dir, rows),
         "best_val_error": min(val, default=None),
         "final_val_error": val[-1] if val else None,
         "test_error": test[-1] if test else None,

@@ -19,15 +19,17 @@ from tests.wandb_offline import records
 
 
 def fit_summary(root: Path, capsys: pytest.CaptureFixture, *flags: str) -> dict:
-    """A tiny fit into `root`; the JSON summary it prints."""
+    """A tiny fit into `root` (4 steps unless flags say otherwise); the JSON summary it prints."""
     train(["fit", *TINY, "--trainer.max_steps=4", "--data.train_samples=128", "--data.val_samples=64",
-           f"--trainer.default_root_dir={root}", "--wandb_mode=disabled", *flags])  # fmt: skip
+           "--trainer.val_check_interval=2", f"--trainer.default_root_dir={root}", "--wandb_mode=disabled",
+           *flags])  # fmt: skip
     return json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
 
 
 def test_report_rows_of_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ablated = fit_summary(tmp_path / "r1", capsys, "--model.routing_iterations=1", "--model.reconstruction=false")
-    full = fit_summary(tmp_path / "r3", capsys)
+    fit_summary(tmp_path / "r3", capsys, "--trainer.max_steps=2")
+    full = fit_summary(tmp_path / "r3", capsys, "--ckpt_path=last")  # resumed: a second CSV version
     runs = [str(tmp_path / "r1"), str(tmp_path / "r3")]
 
     report.main([*runs, "--format", "json"])
@@ -40,6 +42,10 @@ def test_report_rows_of_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) 
         assert row["final_val_error"] == pytest.approx(summary["val/error"], abs=1e-5)  # the summary rounds
         assert row["best_val_error"] <= row["final_val_error"]
         assert row["images_per_s"] > 0 and 0 < row["wall_time_s"] < 120 and row["test_error"] is None
+
+    versions = [list(csv.DictReader(p.open())) for p in sorted((tmp_path / "r3" / "csv").glob("*/metrics.csv"))]
+    elapsed = [max(float(r["time/elapsed_s"]) for r in v if r["time/elapsed_s"]) for v in versions]
+    assert len(elapsed) == 2 and rows[1]["wall_time_s"] == pytest.approx(sum(elapsed))  # both processes' time
 
     report.main(runs)
     table = capsys.readouterr().out.splitlines()
