@@ -167,7 +167,7 @@ class CapsuleDiagnostics(Callback):
         from capsdist.figures import write_figures
 
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule else None
-        if loader is not None:
+        if loader is not None and pl_module.model.decoder is not None:  # the figures are decoder pictures
             out_dir = Path(trainer.default_root_dir) / "figures"
             with torch.inference_mode():
                 paths = write_figures(pl_module.model.eval(), next(iter(loader)), out_dir)

@@ -1,7 +1,9 @@
-"""`python -m capsdist.figures --ckpt PATH --out DIR`: the paper's pictures from a checkpoint, as PNGs.
+"""`python -m capsdist.figures --ckpt PATH --out DIR [--pdf]`: the paper's pictures from a checkpoint, labelled.
 
-- reconstructions.png: inputs beside their reconstructions (decoder masked by the longest capsules; Fig. 3).
-- perturbation.png: each of the digit capsule's dimensions tweaked from -0.25 to 0.25 in steps of 0.05 (Fig. 4).
+- reconstructions.png: inputs beside their reconstructions (decoder masked by the longest capsules; Fig. 3),
+  each row named by its label and prediction.
+- perturbation.png: each of the digit capsule's dimensions (rows, "dim i") tweaked from -0.25 to 0.25 in steps
+  of 0.05 (columns, the tweak value) (Fig. 4).
 - separation.png (two-digit models): each digit reconstructed from its own capsule, in its own colour (Fig. 5).
 """
 
@@ -11,24 +13,37 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from capsdist import user_errors
 from capsdist.evaluate import inference_parser, parse_for_inference
-from capsdist.images import colour_overlay, image_grid, save_png
+from capsdist.images import (
+    PAD,
+    colour_overlay,
+    image_grid,
+    label_grid,
+    prediction_texts,
+    reconstruction_sheet,
+    save_picture,
+    side_by_side,
+    to_pil,
+)
 from capsdist.model import CapsNet
 
 TWEAKS = torch.linspace(-0.25, 0.25, 11)  # -0.25, -0.20, ..., 0.25
 COLOURS = torch.tensor([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.3, 0.5, 1.0]])
+SCALE = 3  # figure pixels per image pixel
 
 
-def reconstructions(model: CapsNet, images: torch.Tensor, k: int) -> torch.Tensor:
-    """Grid with one row per image: the input, then its k reconstructions."""
-    out = model(images, k=k)
-    return image_grid(torch.cat([images.unsqueeze(1), out.recon], dim=1))
+def reconstructions(model: CapsNet, images: torch.Tensor, labels: torch.Tensor) -> Image.Image:
+    """One row per image, named by its label and prediction: the input, then its k reconstructions."""
+    out = model(images, k=labels.shape[1])
+    return reconstruction_sheet(images, out.recon, labels, out.lengths, SCALE)[0]
 
 
-def perturbation(model: CapsNet, image: torch.Tensor) -> torch.Tensor:
-    """Grid [dims x 11]: the predicted digit capsule with one dimension at a time shifted by each tweak."""
+def perturbation(model: CapsNet, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Grid [dims x 11]: the predicted digit capsule with one dimension at a time shifted by each tweak; and the
+    predicted class."""
     out = model(image.unsqueeze(0), k=1)
     winner = out.lengths.argmax(dim=1)
     capsule = out.caps[0, winner[0]]
@@ -40,11 +55,23 @@ def perturbation(model: CapsNet, image: torch.Tensor) -> torch.Tensor:
     caps[:, winner[0]] = tweaked.view(-1, capsule.shape[0])
     select = winner.expand(caps.shape[0]).unsqueeze(1)
     pictures = model.decoder(caps, select)  # [dims*tweaks, 1, C, H, W]
-    return image_grid(pictures.view(dims, len(TWEAKS), *pictures.shape[2:]))
+    return image_grid(pictures.view(dims, len(TWEAKS), *pictures.shape[2:])), int(winner[0])
 
 
-def separation(model: CapsNet, images: torch.Tensor, k: int) -> torch.Tensor:
+def perturbation_sheet(model: CapsNet, images: torch.Tensor) -> Image.Image:
+    """Perturbation grids of several images side by side, rows named by dimension, columns by tweak."""
+    sheets = []
+    for image in images:
+        grid, digit = perturbation(model, image)
+        dims = [f"dim {d}" for d in range((grid.shape[1] - PAD) // (image.shape[1] + PAD))]
+        tweaks = [f"{round(t, 2) + 0.0:+.2f}" for t in TWEAKS.tolist()]  # + 0.0: no "-0.00"
+        sheets.append(label_grid(to_pil(grid, SCALE), dims, tweaks, PAD * SCALE, corner=f"digit {digit}"))
+    return side_by_side(sheets)
+
+
+def separation(model: CapsNet, images: torch.Tensor, labels: torch.Tensor) -> Image.Image:
     """Per image: the input, each digit's reconstruction, and all of them coloured over the input."""
+    k = labels.shape[1]
     out = model(images, k=k)
     colours = COLOURS[:k]
     columns = []
@@ -54,19 +81,23 @@ def separation(model: CapsNet, images: torch.Tensor, k: int) -> torch.Tensor:
             for part, c in zip(recon, colours, strict=True)
         ]
         columns.append(torch.stack([image.expand(3, -1, -1), *painted, colour_overlay(image, recon, colours)]))
-    return image_grid(torch.stack(columns))
+    names = ["input", *(f"capsule {j + 1}" for j in range(k)), "overlay"]
+    picture = to_pil(image_grid(torch.stack(columns)), SCALE)
+    return label_grid(picture, prediction_texts(labels, out.lengths), names, PAD * SCALE)
 
 
 @torch.inference_mode()
-def write_figures(model: CapsNet, batch: dict[str, torch.Tensor], out_dir: Path, count: int = 8) -> list[Path]:
-    """Write the figures for the first `count` images of a batch; returns the written paths."""
-    images = batch["image"][:count].to(next(model.parameters()).device)
-    k = batch["labels"].shape[1]
-    paths = [save_png(reconstructions(model, images, k), out_dir / "reconstructions.png")]
-    grids = [perturbation(model, image) for image in images[:3]]
-    paths.append(save_png(torch.cat(grids, dim=2), out_dir / "perturbation.png"))
-    if k > 1:
-        paths.append(save_png(separation(model, images, k), out_dir / "separation.png"))
+def write_figures(
+    model: CapsNet, batch: dict[str, torch.Tensor], out_dir: Path, count: int = 8, pdf: bool = False
+) -> list[Path]:
+    """Write the labelled figures (PNG; also PDF if asked) for the first `count` images of a batch; returns the
+    written paths."""
+    device = next(model.parameters()).device
+    images, labels = batch["image"][:count].to(device), batch["labels"][:count].to(device)
+    paths = save_picture(reconstructions(model, images, labels), out_dir / "reconstructions.png", pdf)
+    paths += save_picture(perturbation_sheet(model, images[:3]), out_dir / "perturbation.png", pdf)
+    if labels.shape[1] > 1:
+        paths += save_picture(separation(model, images, labels), out_dir / "separation.png", pdf)
     return paths
 
 
@@ -75,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = inference_parser("Draw the paper's figures from a capsdist checkpoint.")
     parser.add_argument("--out", type=str, default="figures", help="folder for the PNGs")
     parser.add_argument("--count", type=int, default=8, help="images per figure")
+    parser.add_argument("--pdf", action="store_true", help="also write each figure as a PDF beside its PNG")
     with user_errors():
         args, trained, loader = parse_for_inference(parser, argv)
-        paths = write_figures(trained.to(args.device).model, next(iter(loader)), Path(args.out), args.count)
+        paths = write_figures(trained.to(args.device).model, next(iter(loader)), Path(args.out), args.count, args.pdf)
     print(json.dumps({"checkpoint": args.ckpt or args.weights, "figures": [str(p) for p in paths]}))
 
 

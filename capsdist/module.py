@@ -14,7 +14,7 @@ import torch
 
 from capsdist import CapsdistError
 from capsdist.checkpoint import MODEL_ARGS
-from capsdist.images import image_grid
+from capsdist.images import reconstruction_sheet
 from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
@@ -70,7 +70,7 @@ class CapsNetModule(pl.LightningModule):
         self.log("train/loss", total, prog_bar=True)
         every = self.hparams.log_images_every_n_steps
         if every and self.global_step % every == 0 and out.recon is not None:
-            self._log_images(batch["image"], out.recon)
+            self._log_images("train/reconstructions", batch, out.recon, out.lengths, "the true label")
         return total
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: CapsMetrics, stage: str) -> dict[str, Any]:
@@ -101,14 +101,35 @@ class CapsNetModule(pl.LightningModule):
         """Log test accuracy/error."""
         self._log_metrics(self.test_metrics, "test")
 
-    def _log_images(self, images: torch.Tensor, recon: torch.Tensor) -> None:
-        """Send a grid of inputs beside their reconstructions to the loggers that take images (W&B's log_image)."""
-        rows = min(8, images.shape[0])
-        columns = torch.cat([images[:rows].unsqueeze(1), recon[:rows]], dim=1).detach().float().cpu()
-        picture = image_grid(columns).numpy().transpose(1, 2, 0)
-        for logger in self.loggers:
-            if callable(getattr(logger, "log_image", None)):
-                logger.log_image("train/reconstructions", [picture], step=self.global_step)
+    def _image_loggers(self) -> list[Any]:
+        """The loggers that take images (W&B's log_image), when image logging is on and there is a decoder."""
+        if not self.hparams.log_images_every_n_steps or self.model.decoder is None:
+            return []
+        return [logger for logger in self.loggers if callable(getattr(logger, "log_image", None))]
+
+    def _log_images(
+        self, key: str, batch: dict[str, torch.Tensor], recon: torch.Tensor, lengths: torch.Tensor, masked_by: str
+    ) -> None:
+        """Send up to 8 inputs beside their reconstructions as one labelled 8-bit picture (W&B casts float pixels
+        to uint8 unscaled: [0, 1] became black), captioned with each row's label(s) and prediction; rank 0 only."""
+        if not self.trainer.is_global_zero:
+            return
+        rows = min(8, batch["image"].shape[0])
+        picture, texts = reconstruction_sheet(
+            batch["image"][:rows], recon[:rows], batch["labels"][:rows], lengths[:rows].detach(), scale=2
+        )
+        caption = f"step {self.global_step}, decoder masked by {masked_by}; rows: " + "; ".join(texts)
+        for logger in self._image_loggers():
+            logger.log_image(key, [picture], step=self.global_step, caption=[caption])
+
+    def on_validation_batch_end(
+        self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Once per validation (first batch, not the sanity check): log the validation step's reconstructions,
+        whose decoder was masked by the predicted (longest) capsules."""
+        if batch_idx or self.trainer.sanity_checking or not self._image_loggers() or outputs.get("recon") is None:
+            return
+        self._log_images("val/reconstructions", batch, outputs["recon"], outputs["lengths"], "the predicted capsule")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Fused Adam with exponential decay applied every step (the official code's schedule)."""

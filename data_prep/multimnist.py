@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -36,23 +35,16 @@ from tqdm import tqdm
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
+from capsdist.files import atomic_write
 
 __all__ = ["Plan", "generate", "main"]
 JOURNAL = ".journal.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a hidden temporary sibling, fsync, then rename: ``path`` is either absent or complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write bytes atomically (temporary sibling, fsync, rename) with the umask's mode: ``path`` is either absent
+    or complete."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def sha256_file(path: Path) -> str:

@@ -114,6 +114,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service() -> Iterator[None]:
+    """A W&B run in the test process leaves WANDB_SERVICE in os.environ; subprocesses and SLURM jobs that inherit it
+    log through this process's service, which resolves their relative run folders against its own cwd."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def test_split() -> tuple[torch.Tensor, torch.Tensor]:
     """The first 600 images of the shipped MNIST test split."""

@@ -4,6 +4,11 @@ Folder resolution (``resolve_dir``): an explicit argument -> ``$CAPSDIST_MNIST_D
 ``data/mnist`` -> a download into ``~/.cache/capsdist/mnist``. Downloads try each mirror in turn, check the
 official md5 of every file, and only ever rename a fully verified temporary file into place.
 
+A folder may hold the files gzipped or not, directly or in torchvision's ``raw/`` or ``MNIST/raw/``. The shipped
+copy and the download cache are held to the official md5s; a folder the user names (``--mnist-dir``,
+``data.mnist_dir``, ``$CAPSDIST_MNIST_DIR``) may hold any IDX files of the same structure (Fashion-MNIST, KMNIST,
+a re-compressed copy): they are read with a warning saying they are not the official files.
+
     python -m data_prep.mnist                 # resolve (download if needed), verify, print the folder
     python -m data_prep.mnist --from ~/mnist  # verify local copies and install them into the cache
 """
@@ -13,10 +18,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -24,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from capsdist import CapsdistError
+from capsdist.files import atomic_write
 
 Split = Literal["train", "test"]
 
@@ -34,6 +40,15 @@ MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# The same files uncompressed (torchvision's raw/ keeps both); md5s of the official files' decompressed bytes.
+MD5_UNCOMPRESSED = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+OFFICIAL = {**MD5, **MD5_UNCOMPRESSED}
+LAYOUTS = (".", "raw", "MNIST/raw")  # sub-folders searched, in order: plain, torchvision's root/MNIST and root
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -50,6 +65,10 @@ _CHUNK = 1 << 16
 
 class MnistError(CapsdistError):
     """A missing, truncated, corrupt or unexpected MNIST file; the message names the file and the fix."""
+
+
+class UnofficialMnistWarning(UserWarning):
+    """A user-named folder holds IDX files that are not the official MNIST files; they are used as given."""
 
 
 def file_names(split: Split) -> tuple[str, str]:
@@ -77,31 +96,62 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
+def find(folder: Path, name: str) -> Path | None:
+    """The file standing for official ``name`` (``*.gz``) in ``folder``: gzipped or not, directly or under
+    torchvision's ``raw/`` or ``MNIST/raw/``; None if there is none."""
+    for sub in LAYOUTS:
+        for candidate in (name, name.removesuffix(".gz")):
+            if (folder / sub / candidate).is_file():
+                return folder / sub / candidate
+    return None
+
+
+def _located(folder: Path, name: str) -> Path:
+    """``find``, or an error naming the missing file and the places looked in."""
+    path = find(folder, name)
+    if path is None:
+        raise MnistError(
+            f"MNIST file missing: {folder / name} (also looked for it uncompressed and under raw/ and MNIST/raw/). "
+            f"{_fix(folder)}"
+        )
+    return path
+
+
 def verify(folder: Path, names: Sequence[str] = tuple(MD5)) -> None:
-    """Raise MnistError unless every named file exists in ``folder`` with its official md5."""
+    """Raise MnistError unless every named file exists in ``folder`` (any accepted layout) with its official md5."""
     for name in names:
-        path = folder / name
-        if not path.is_file():
-            raise MnistError(f"MNIST file missing: {path}. {_fix(folder)}")
+        path = _located(folder, name)
         got = md5sum(path)
-        if got != MD5[name]:
+        if got != OFFICIAL[path.name]:
             raise MnistError(
-                f"MNIST file {path} has md5 {got}, expected the official {MD5[name]} "
+                f"MNIST file {path} has md5 {got}, expected the official {OFFICIAL[path.name]} "
                 f"(corrupt, truncated or not the official file). Delete it. {_fix(folder)}"
             )
 
 
+def _warn_if_unofficial(folder: Path, names: Sequence[str]) -> None:
+    """Warn once per file of a user-named folder whose md5 is not the official one."""
+    for name in names:
+        path = find(folder, name)
+        if path is not None and md5sum(path) != OFFICIAL[path.name]:
+            warnings.warn(
+                f"{path} is not the official MNIST file (its md5 differs): using it as given, since you named "
+                f"{folder} (fine for Fashion-MNIST, KMNIST or a re-compressed copy; only the shipped copy and "
+                "downloads are held to the official checksums)",
+                UnofficialMnistWarning,
+                stacklevel=3,
+            )
+
+
 def is_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds all four files (presence only; ``verify`` checks content)."""
-    return all((folder / name).is_file() for name in MD5)
+    """Whether ``folder`` holds all four files in an accepted layout (presence only; ``verify`` checks content)."""
+    return all(find(folder, name) for name in MD5)
 
 
 def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path) -> np.ndarray:
-    """Parse one gzipped IDX file, checking magic, dimensions and payload length."""
-    if not path.is_file():
-        raise MnistError(f"MNIST file missing: {path}. {_fix(folder)}")
+    """Parse one IDX file (gzipped if named .gz), checking magic, dimensions and payload length."""
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # bad gzip header, CRC error or cut-off stream
         raise MnistError(f"MNIST file {path} is not a readable gzip file ({e}). Delete it. {_fix(folder)}") from e
@@ -126,14 +176,20 @@ def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path) -> np
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()  # writable, owns its memory
 
 
-def load(folder: str | os.PathLike, split: Split, check_md5: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split: (images uint8 [N,28,28], labels uint8 [N]); md5-checked against the official files."""
+def load(
+    folder: str | os.PathLike, split: Split, check_md5: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split: (images uint8 [N,28,28], labels uint8 [N]). ``check_md5``: True holds the files to the
+    official md5s, False skips the check, None (default) holds the shipped copy and the download cache to them
+    and reads any other folder's files with a warning if they are not the official ones."""
     folder = Path(folder)
     names = file_names(split)
-    if check_md5:
+    if check_md5 or (check_md5 is None and folder.resolve() in (REPO_DIR.resolve(), CACHE_DIR.resolve())):
         verify(folder, names)
-    images = _read_idx(folder / names[0], "images", folder)
-    labels = _read_idx(folder / names[1], "labels", folder)
+    elif check_md5 is None:
+        _warn_if_unofficial(folder, names)
+    images = _read_idx(_located(folder, names[0]), "images", folder)
+    labels = _read_idx(_located(folder, names[1]), "labels", folder)
     if len(images) != len(labels):
         raise MnistError(
             f"MNIST {split} split in {folder}: {len(images)} images but {len(labels)} labels. {_fix(folder)}"
@@ -149,19 +205,6 @@ def _mirrors() -> list[str]:
     return [m.strip() for m in env.split(",") if m.strip()] if env else list(MIRRORS)
 
 
-def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
-    """Write ``dest`` via ``fill(fileobj)`` into a temporary sibling, then rename; never leaves partials."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _copy_verified(src: BinaryIO, dest: Path, name: str, total: int | None, desc: str) -> None:
     """Stream ``src`` into ``dest`` atomically with a progress bar, refusing content with the wrong md5."""
 
@@ -172,10 +215,10 @@ def _copy_verified(src: BinaryIO, dest: Path, name: str, total: int | None, desc
                 h.update(chunk)
                 out.write(chunk)
                 bar.update(len(chunk))
-        if h.hexdigest() != MD5[name]:
-            raise MnistError(f"{desc}: md5 {h.hexdigest()} != official {MD5[name]}")
+        if h.hexdigest() != OFFICIAL[name]:
+            raise MnistError(f"{desc}: md5 {h.hexdigest()} != official {OFFICIAL[name]}")
 
-    _atomic_write(dest, fill)
+    atomic_write(dest, fill)
 
 
 def download(folder: str | os.PathLike, mirrors: Sequence[str] | None = None, timeout: float = 30.0) -> Path:
@@ -183,8 +226,8 @@ def download(folder: str | os.PathLike, mirrors: Sequence[str] | None = None, ti
     folder = Path(folder)
     mirrors = list(mirrors) if mirrors else _mirrors()
     for name in MD5:
-        dest = folder / name
-        if dest.is_file() and md5sum(dest) == MD5[name]:
+        dest, have = folder / name, find(folder, name)
+        if have is not None and md5sum(have) == OFFICIAL[have.name]:
             continue
         errors = []
         for base in mirrors:
@@ -207,14 +250,16 @@ def download(folder: str | os.PathLike, mirrors: Sequence[str] | None = None, ti
 
 
 def install_from(source: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Verify the four files in ``source`` and copy them atomically into ``folder``; return the folder."""
+    """Verify the four official files in ``source`` (any accepted layout) and copy them atomically into
+    ``folder``, under the names they have; return the folder."""
     source, folder = Path(source), Path(folder)
     verify(source)
     if source.resolve() == folder.resolve():
         return folder
     for name in MD5:
-        with open(source / name, "rb") as src:
-            _copy_verified(src, folder / name, name, (source / name).stat().st_size, str(source / name))
+        path = _located(source, name)
+        with open(path, "rb") as src:
+            _copy_verified(src, folder / path.name, path.name, path.stat().st_size, str(path))
     return folder
 
 

@@ -111,7 +111,7 @@ def test_bad_checksum_named(tmp_path: Path) -> None:
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(mnist.MnistError, match=r"t10k-labels-idx1-ubyte.gz has md5 .* expected the official"):
-        mnist.load(tmp_path, "test")
+        mnist.load(tmp_path, "test", check_md5=True)
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def _replace(argv: list[str], flag: str, value: str) -> list[str]:
 
 def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Each documented command runs: for real where it is quick (tiny overrides), else through its full parser."""
-    from capsdist import bench, evaluate, figures
+    from capsdist import bench, evaluate, figures, report
     from data_prep import mnist, multimnist
 
     commands = readme_commands()
@@ -128,6 +128,9 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
                 argv = _replace(_replace(argv, "--num-samples", "20"), "--out", str(tmp_path / f"shards{i}"))
                 argv = _replace(_replace(argv, "--workers", "1"), "--shard-size", "10")
             assert multimnist.main(argv) == 0, argv
+        elif module == "capsdist.report":  # the fixture's run folder stands in for runs/ablation/*
+            report.main([str(checkpoint.parents[1]), *(a for a in argv if a.startswith("--"))])
+            assert capsys.readouterr().out.startswith("| run | routing iterations |")
         elif module == "pytest":
             continue  # the test command itself
         else:

@@ -144,12 +144,16 @@ def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_figures_are_written(checkpoint, tmp_path):
-    done = run_module("capsdist.figures", "--ckpt", str(checkpoint), "--out", str(tmp_path), "--data.val_samples=8")
+    done = run_module(
+        "capsdist.figures", "--ckpt", str(checkpoint), "--out", str(tmp_path), "--data.val_samples=8", "--pdf"
+    )
     assert done.returncode == 0, done.stderr
     from PIL import Image
 
     recon = Image.open(tmp_path / "reconstructions.png")
     perturb = Image.open(tmp_path / "perturbation.png")
-    # 8 rows of (input, reconstruction); 3 digits side by side, each 8 dims x 11 tweaks of 28x28 (pad 2, x3)
-    assert recon.size == ((2 * 30 + 2) * 3, (8 * 30 + 2) * 3)
-    assert perturb.size == (3 * (11 * 30 + 2) * 3, (8 * 30 + 2) * 3)
+    # 8 rows of (input, reconstruction); 3 digits side by side, each 8 dims x 11 tweaks of 28x28 (pad 2, x3),
+    # plus label margins (row names on the left, column names on top)
+    assert recon.width > (2 * 30 + 2) * 3 and recon.height > (8 * 30 + 2) * 3
+    assert perturb.width > 3 * (11 * 30 + 2) * 3 and perturb.height > (8 * 30 + 2) * 3
+    assert (tmp_path / "perturbation.pdf").read_bytes().startswith(b"%PDF")

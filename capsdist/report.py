@@ -1,0 +1,128 @@
+"""`python -m capsdist.report RUN_DIR... [--format markdown|csv|json]`: one row per run folder, as Table 1.
+
+Reads only what every run leaves on disk (its ``config.yaml``, ``csv/version_*/metrics.csv`` and the step count of
+``checkpoints/last.ckpt``; no W&B): routing iterations, reconstruction, steps, best and final validation error,
+test error (when ``test`` was run into the same folder), training images/s (median of the logged steps) and wall
+time (``time/elapsed_s`` at the last validation of each fit process, summed over resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from capsdist import CapsdistError, user_errors
+
+COLUMNS = {  # key -> markdown header
+    "run": "run",
+    "routing_iterations": "routing iterations",
+    "reconstruction": "reconstruction",
+    "steps": "steps",
+    "best_val_error": "best val error",
+    "final_val_error": "final val error",
+    "test_error": "test error",
+    "images_per_s": "images/s",
+    "wall_time_s": "wall time",
+}
+
+
+class NotARunError(CapsdistError):
+    """A folder given to the report that is not a run folder written by `capsdist.train fit`."""
+
+
+def _column(rows: list[dict[str, str]], key: str) -> list[float]:
+    """The non-empty values of one metric, in logging order."""
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+def trained_steps(run_dir: Path, rows: list[dict[str, str]]) -> int:
+    """Optimizer steps: ``last.ckpt``'s global step (memory-mapped: no weights read), else the CSV's last step + 1
+    (the CSV's step column is 0-based and, after a resume, not exact)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(max(_column(rows, "step"), default=-1)) + 1
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """One run folder's Table 1 row (errors as fractions, None where the run logged nothing of the kind)."""
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    # The CLI saves config.yaml in the first logger's folder: the run folder with W&B, csv/version_N without.
+    configs = [run_dir / "config.yaml", *(path.with_name("config.yaml") for path in reversed(files))]
+    config = next((path for path in configs if path.is_file()), None)
+    if config is None or not files:
+        raise NotARunError(
+            f"{run_dir} is not a capsdist run folder (it needs csv/version_*/metrics.csv and a config.yaml). "
+            "Fix: pass the trainer.default_root_dir of a `python -m capsdist.train fit` run, e.g. runs/mnist."
+        )
+    model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+    versions = [list(csv.DictReader(io.StringIO(path.read_text()))) for path in files]
+    rows = [row for version in versions for row in version]
+    val, test, speed = _column(rows, "val/error"), _column(rows, "test/error"), _column(rows, "train/images_per_s")
+    elapsed = [max(_column(version, "time/elapsed_s"), default=0.0) for version in versions]
+    return {
+        "run": run_dir.name,
+        "routing_iterations": model.get("routing_iterations"),
+        "reconstruction": model.get("reconstruction"),
+        "steps": trained_steps(run_dir, rows),
+        "best_val_error": min(val, default=None),
+        "final_val_error": val[-1] if val else None,
+        "test_error": test[-1] if test else None,
+        "images_per_s": statistics.median(speed) if speed else None,
+        "wall_time_s": sum(elapsed) if any(elapsed) else None,
+    }
+
+
+def _cell(key: str, value: Any) -> str:
+    """A value as a markdown cell: errors in percent, booleans as yes/no, times as h:mm:ss."""
+    if value is None:
+        return "–"
+    if key.endswith("error"):
+        return f"{100 * value:.2f}%"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "images_per_s":
+        return f"{value:,.0f}"
+    if key == "wall_time_s":
+        minutes, seconds = divmod(round(value), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    return str(value)
+
+
+def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+    """The rows as a markdown table, CSV (raw values) or JSON (a list of objects)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, list(COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(k, row[k]) for k in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the table of the given run folders."""
+    parser = argparse.ArgumentParser(prog="python -m capsdist.report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.default_root_dir)")
+    parser.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    args = parser.parse_args(argv)
+    with user_errors():
+        print(render([summarize(run_dir) for run_dir in args.run_dirs], args.format))
+
+
+if __name__ == "__main__":
+    main()

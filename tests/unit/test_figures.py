@@ -1,0 +1,50 @@
+"""Figures are labelled: margins with dark text naming rows and columns, the picture cells themselves unchanged."""
+
+import numpy as np
+import torch
+
+from capsdist import figures
+from capsdist.images import PAD, image_grid, to_pil
+from capsdist.model import CapsNet
+from tests.conftest import TINY_NET
+
+
+def split_margins(labelled, raw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left margin, top margin, grid) pixels of a labelled picture whose grid is `raw`, pasted bottom-right."""
+    a = np.asarray(labelled.convert("L"))
+    left, top = labelled.width - raw.width, labelled.height - raw.height
+    assert left > 20 and top > 10  # the margins are there and hold readable text
+    return a[top:, :left], a[:top, left:], np.asarray(labelled)[top:, left:]
+
+
+def bands_have_text(margin: np.ndarray, count: int, axis: int) -> bool:
+    """Every one of `count` equal bands (rows: axis 0, columns: axis 1) of a margin holds dark text pixels."""
+    return all((band < 100).sum() > 5 for band in np.array_split(margin, count, axis=axis))
+
+
+def test_perturbation_grid_names_dimensions_and_tweaks(test_split):
+    torch.manual_seed(0)
+    model = CapsNet(**TINY_NET).eval()
+    image = test_split[0][:1, None].float() / 255
+    with torch.inference_mode():
+        grid, _ = figures.perturbation(model, image[0])
+        raw = to_pil(grid, figures.SCALE)
+        labelled = figures.perturbation_sheet(model, image)
+    dims, tweaks = TINY_NET["caps_layers"][0][1], len(figures.TWEAKS)
+    left, top, cells = split_margins(labelled, raw)
+    assert np.array_equal(cells, np.asarray(raw))  # the decoded pictures are untouched
+    assert bands_have_text(left[PAD * figures.SCALE :], dims, axis=0)  # "dim i" on every row
+    assert bands_have_text(top[:, PAD * figures.SCALE :], tweaks, axis=1)  # the tweak value on every column
+
+
+def test_reconstructions_name_label_and_prediction(test_split):
+    torch.manual_seed(0)
+    model = CapsNet(**TINY_NET).eval()
+    images, labels = test_split[0][:4, None].float() / 255, test_split[1][:4, None]
+    with torch.inference_mode():
+        out = model(images, k=1)
+        raw = to_pil(image_grid(torch.cat([images.unsqueeze(1), out.recon], dim=1)), figures.SCALE)
+        labelled = figures.reconstructions(model, images, labels)
+    left, top, cells = split_margins(labelled, raw)
+    assert np.array_equal(cells, np.asarray(raw))
+    assert bands_have_text(left, 4, axis=0) and bands_have_text(top, 2, axis=1)
