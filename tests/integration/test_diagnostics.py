@@ -10,7 +10,7 @@ import pytest
 
 from capsdist.train import main
 from tests.conftest import TINY
-from tests.wandb_records import history, records, run_file
+from tests.wandb_offline import history, records
 
 RUN = [*TINY, "--trainer.max_steps=24", "--trainer.val_check_interval=12", "--data.train_samples=768"]
 RUN += ["--data.val_samples=256", "--model.log_diagnostics_every_n_steps=4", "--wandb_mode=offline"]
@@ -24,13 +24,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def offline_run(root: Path) -> Path:
+    """The run folder's single offline W&B run."""
+    (found,) = root.glob("wandb/offline-run-*")
+    return found
+
+
 def latest(rows: list[dict], key: str) -> object:
     """The last logged value of `key`."""
     return [row[key] for row in rows if key in row][-1]
 
 
 def test_wandb_file_holds_every_capsule_panel(run: Path) -> None:
-    rows = history(run_file(run))
+    rows = history(offline_run(run))
     keys = set().union(*rows)
     expected = {f"val/class_acc/{c}" for c in range(10)} | {"train/grad_norm", "val/capsule_length_present"}
     for stage in ("train", "val"):
@@ -46,19 +52,19 @@ def test_wandb_file_holds_every_capsule_panel(run: Path) -> None:
     assert 0 < latest(rows, "val/capsule_length_absent") < 1 and latest(rows, "train/grad_norm") > 0
     assert all(0 <= latest(rows, f"val/class_acc/{c}") <= 1 for c in range(10))
     # W&B objects: histogram, confusion matrix (10 x 10 cells), misclassified table, figures
-    assert latest(rows, "val/capsule_length")["_type"] == "histogram"
-    assert sum(latest(rows, "val/capsule_length")["values"]) > 0
-    matrix = latest(rows, "val/confusion_matrix_table")
-    assert matrix["_type"] == "table-file" and matrix["nrows"] == 100
-    wrong = latest(rows, "val/misclassified")
-    assert wrong["_type"] == "table-file" and 0 < wrong["nrows"] <= 32 and wrong["ncols"] == 5
-    assert latest(rows, "figures/perturbation")["_type"] == "image-file"
-    files = run_file(run).parent / "files"
-    assert (files / latest(rows, "figures/perturbation")["path"]).stat().st_size > 10_000
+    assert latest(rows, "val/capsule_length/_type") == "histogram"
+    assert sum(latest(rows, "val/capsule_length/values")) > 0
+    assert latest(rows, "val/confusion_matrix_table/_type") == "table-file"
+    assert latest(rows, "val/confusion_matrix_table/nrows") == 100  # 10 x 10 cells
+    assert latest(rows, "val/misclassified/_type") == "table-file" and latest(rows, "val/misclassified/ncols") == 5
+    assert 0 < latest(rows, "val/misclassified/nrows") <= 32
+    assert latest(rows, "figures/perturbation/_type") == "image-file"
+    picture = offline_run(run) / "files" / latest(rows, "figures/perturbation/path")
+    assert picture.stat().st_size > 10_000
 
 
 def test_checkpoints_become_model_artifacts_with_metrics(run: Path) -> None:
-    artifacts = [r.artifact for r in records(run_file(run)) if r.WhichOneof("record_type") == "artifact"]
+    artifacts = [r.artifact for r in records(offline_run(run)) if r.WhichOneof("record_type") == "artifact"]
     models = [a for a in artifacts if a.type == "model"]
     assert len(models) == 2  # best and last
     assert all('"val/error"' in a.metadata for a in models)
