@@ -222,3 +222,23 @@ class LineProgress(ProgressBar):
         """A line per validation (not the sanity check)."""
         if self.enabled and not trainer.sanity_checking:
             self._line(trainer, pl_module, f"validation at step {trainer.global_step}:")
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """What `--ckpt_path best` means in a new process (Lightning knows "best" only within the fit that saved it):
+    of the best-*.ckpt files in `folder`, the one with the lowest val/error recorded in it."""
+    import torch
+
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    if not candidates:
+        raise CapsdistError(
+            f"--ckpt_path best: no best-*.ckpt in {folder} (they are written at each validation of `fit`). "
+            "Fix: check trainer.default_root_dir, or give --ckpt_path last or a checkpoint's path."
+        )
+
+    def score(path: Path) -> float:
+        states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+        scores = [s.get("current_score") for s in states.values() if s.get("monitor") == "val/error"]
+        return float(scores[0]) if scores and scores[0] is not None else float("inf")
+
+    return candidates[0] if len(candidates) == 1 else min(candidates, key=score)

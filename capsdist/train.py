@@ -26,6 +26,7 @@ from capsdist.run import (
     LoggedConfig,
     PredictionWriter,
     WallClock,
+    best_checkpoint,
     finish_wandb,
     run_checkpoints,
     run_loggers,
@@ -47,8 +48,10 @@ def quiet_known_warnings() -> None:
         # OnExceptionCheckpoint makes Lightning look for a "last" checkpoint on every fit (capsdist.run)
         r"`\.fit\(ckpt_path=None\)` was called without a model",
         r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
-        # Lightning's own SaveConfigCallback.setup still passes jsonargparse's deprecated skip_none
-        r"skip_none parameter was deprecated",
+        # jsonargparse deprecations of the calls Lightning 2.6.6 itself makes (skip_none, instantiate_classes)
+        r"\s*By default only one JsonargparseDeprecationWarning per type is shown",
+        r"\s*skip_none parameter was deprecated",
+        r"\s*``instantiate_classes`` was deprecated",
         # predict's loader is a plain iterable on purpose (capsdist.data.modules.BaseData.predict_dataloader)
         r"Couldn't infer the batch indices fetched from your dataloader",
         # Lightning 2.6.6's _pytree against torch >= 2.10, at every checkpoint load
@@ -88,6 +91,9 @@ class CapsCLI(PrivateOverrides):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
+        if config is not None and config.get("ckpt_path") == "best":
+            root = Path(self._get(config, "trainer", default={}).get("default_root_dir") or "runs/default")
+            config["ckpt_path"] = str(best_checkpoint(root / "checkpoints"))
         if config is not None and (config.get("optimizer") is not None or config.get("lr_scheduler") is not None):
             raise OptimizerFlagError(
                 "--optimizer/--lr_scheduler (or optimizer:/lr_scheduler: in a config) are not supported: capsdist "
