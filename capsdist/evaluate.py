@@ -16,13 +16,15 @@ from capsdist import CapsdistError, user_errors
 from capsdist.checkpoint import Trained, load_trained
 from capsdist.data.modules import CapsDataModule
 from capsdist.metrics import CapsMetrics
+from capsdist.pretrained import load_as_trained
 from capsdist.scoring import eval_batch
 
 
 def inference_parser(description: str) -> ArgumentParser:
     """Arguments shared by evaluate and figures: the checkpoint, the device and the datamodule's settings."""
     parser = ArgumentParser(description=description)
-    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint written by capsdist.train")
+    parser.add_argument("--ckpt", type=str | None, default=None, help="checkpoint written by capsdist.train")
+    parser.add_argument("--weights", type=str | None, default=None, help="or a .safetensors from capsdist.pretrained")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_class_arguments(CapsDataModule, "data")
     return parser
@@ -31,7 +33,12 @@ def inference_parser(description: str) -> ArgumentParser:
 def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple[Namespace, Trained, Any]:
     """Parse argv with the checkpoint's data settings as defaults -> (args, trained model, val dataloader)."""
     first = parser.parse_args(argv)
-    trained = load_trained(first.ckpt, first.device)
+    if (first.ckpt is None) == (first.weights is None):
+        raise CapsdistError(
+            "name one model: --ckpt PATH (a training checkpoint) or --weights PATH (a .safetensors such as "
+            "pretrained/capsnet-mnist.safetensors)."
+        )
+    trained = load_trained(first.ckpt, first.device) if first.ckpt else load_as_trained(first.weights, first.device)
     known = {k: v for k, v in trained.data.items() if k in first.data}
     parser.set_defaults({f"data.{k}": v for k, v in known.items()})
     args = parser.parse_args(argv)
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         args, trained, loader = parse_for_inference(parser, argv)
         result = evaluate(trained.to(args.device), loader, args.device)
-    print(json.dumps({"checkpoint": args.ckpt, "source": args.data.source, **result}))
+    print(json.dumps({"checkpoint": args.ckpt or args.weights, "source": args.data.source, **result}))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         args, trained, loader = parse_for_inference(parser, argv)
         paths = write_figures(trained.to(args.device).model, next(iter(loader)), Path(args.out), args.count)
-    print(json.dumps({"checkpoint": args.ckpt, "figures": [str(p) for p in paths]}))
+    print(json.dumps({"checkpoint": args.ckpt or args.weights, "figures": [str(p) for p in paths]}))
 
 
 if __name__ == "__main__":

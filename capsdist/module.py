@@ -19,6 +19,7 @@ from capsdist.images import image_grid
 from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
+from capsdist.pretrained import init_from
 from capsdist.scoring import eval_batch
 
 
@@ -38,6 +39,7 @@ class CapsNetModule(pl.LightningModule):
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
         log_images_every_n_steps: int = 500,
+        init_weights: str | None = None,
         **model_args: Any,
     ) -> None:
         """The paper's training setup around a CapsNet; the learning rate decays as
@@ -51,11 +53,15 @@ class CapsNetModule(pl.LightningModule):
             lr_decay_steps: steps per lr_decay factor (paper: 2000 for MNIST, 20000 for MultiMNIST).
             min_lr: floor of the decayed learning rate.
             log_images_every_n_steps: send an input/reconstruction grid to W&B every n steps (0: never).
+            init_weights: a .safetensors file (e.g. pretrained/capsnet-mnist.safetensors) to start the model from
+                (fine-tuning).
             model_args: CapsNet's settings (capsdist.model.CapsNet; the CLI lists each with its help).
         """
         super().__init__()
         self.save_hyperparameters()
         self.model = CapsNet(**model_args)
+        if init_weights:
+            init_from(self.model, init_weights)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()
         self._batch_started = 0.0

@@ -14,7 +14,6 @@ the recorded accuracy does not depend on the training code path.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import time
@@ -26,11 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from capsdist import CapsdistError, user_errors
-from capsdist.checkpoint import load_trained
+from capsdist.checkpoint import MODEL_ARGS, Trained, load_trained
 from capsdist.model import CapsNet
 
 CONFIG_KEY = "capsnet_config"
-MODEL_ARGS = frozenset(inspect.signature(CapsNet).parameters)
 STORE_DTYPE = torch.float16
 
 
@@ -65,8 +63,8 @@ def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metad
     return path
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict[str, Any]]:
-    """A float32 `CapsNet` in eval mode from a weights file, and the file's metadata (JSON-decoded)."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`)."""
     path = Path(path)
     if not path.is_file():
         raise CapsdistError(
@@ -82,15 +80,40 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if CONFIG_KEY not in raw:
         raise _bad_file(path, f"no {CONFIG_KEY!r} metadata")
     meta = {k: json.loads(v) for k, v in raw.items()}
-    config = meta.pop(CONFIG_KEY)
-    if not isinstance(config, dict) or not set(config) <= MODEL_ARGS:
-        raise _bad_file(path, f"{CONFIG_KEY} has unknown keys {sorted(set(config) - MODEL_ARGS)}")
-    model = CapsNet(**config)
+    config = meta[CONFIG_KEY]
+    if not isinstance(config, dict) or not set(config) <= set(MODEL_ARGS):
+        raise _bad_file(path, f"{CONFIG_KEY} has unknown keys {sorted(set(config) - set(MODEL_ARGS))}")
+    return {k: v.float() for k, v in tensors.items()}, meta
+
+
+def init_from(model: CapsNet, path: str | Path) -> None:
+    """Copy a weights file into `model` (fine-tuning); a file of another shape is refused with both settings."""
+    tensors, meta = read_weights(path)
     try:
-        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        model.load_state_dict(tensors)
     except RuntimeError as err:
-        raise _bad_file(path, f"weights do not fit its {CONFIG_KEY}: {str(err)[:160]}") from err
-    return model.to(device).eval(), {CONFIG_KEY: config, **meta}
+        raise CapsdistError(
+            f"the weights in {path} do not fit the configured model ({' '.join(str(err).split())[:240]}). "
+            f"Fix: configure the model as the file was trained, --model.* = {json.dumps(meta[CONFIG_KEY])}."
+        ) from err
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict[str, Any]]:
+    """A float32 `CapsNet` in eval mode from a weights file, and the file's metadata (JSON-decoded)."""
+    tensors, meta = read_weights(path)
+    model = CapsNet(**meta[CONFIG_KEY])
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise _bad_file(Path(path), f"weights do not fit its {CONFIG_KEY}: {str(err)[:160]}") from err
+    return model.to(device).eval(), meta
+
+
+def load_as_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """A weights file as `evaluate`/`figures` take a checkpoint: the model, its settings and its data source."""
+    model, meta = load_weights(path, device)
+    data = {"source": meta["data_source"]} if meta.get("data_source") else {}
+    return Trained(model, dict(meta[CONFIG_KEY]), data, int(meta.get("global_step", 0)))
 
 
 @torch.inference_mode()
@@ -123,7 +146,8 @@ def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str
         "first_1000_correct": int(hits[:1000].sum()),
         "score_s": round(time.perf_counter() - started, 2),
     }
-    meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
+    source = {"data_source": trained.data["source"]} if trained.data.get("source") else {}
+    meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **source, **extra, **scores}
     save_weights(model, config, out, meta)
     return {**meta, "weights": str(out), "bytes": Path(out).stat().st_size}
 

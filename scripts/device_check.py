@@ -56,12 +56,15 @@ class Check:
         self.rows.write(line + "\n")
         self.rows.flush()
 
-    def run(self, what: str, argv: list[str], limit: float, env: dict[str, str] | None = None) -> tuple[int, str]:
-        """Run a subprocess for at most `limit` seconds (and never past the budget); (exit code, stdout)."""
+    def run(
+        self, what: str, argv: list[str], limit: float, env: dict[str, str] | None = None
+    ) -> tuple[int | None, str]:
+        """Run a subprocess for at most `limit` seconds (and never past the budget); (exit code or None if it was
+        skipped for want of time, stdout)."""
         limit = min(limit, self.left())
         if limit < 5:
             self.emit({"what": what, "skipped": "no time left in the budget"})
-            return -1, ""
+            return None, ""
         self.log.write(f"\n===== {what}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
         self.log.flush()
         started = time.monotonic()
@@ -132,7 +135,7 @@ def bench(check: Check, what: str, limit: float, flags: list[str]) -> None:
     rows = json_lines(out)
     for row in rows:
         check.emit({**row, "stage": what})
-    if code != 0:
+    if code not in (0, None):
         check.emit({"what": what, "exit_code": code, "rows": len(rows), "error": "see device_check.log"})
 
 
@@ -251,7 +254,7 @@ def train_stage(check: Check, reserve_s: float) -> None:
     code, out = check.run("pretrained", argv, 120)
     for result in json_lines(out):
         check.emit({"what": "pretrained", **{k: v for k, v in result.items() if k != "training_command"}})
-    if code != 0:
+    if code not in (0, None):
         check.emit({"what": "pretrained", "exit_code": code, "error": "see device_check.log"})
 
 

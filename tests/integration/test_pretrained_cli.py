@@ -1,0 +1,59 @@
+"""The shipped weights through the user's commands: evaluate, figures and fine-tuning from them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsdist.pretrained import load_weights, mnist_hits
+from tests.conftest import REPO, subprocess_env
+
+WEIGHTS = REPO / "pretrained" / "capsnet-mnist.safetensors"
+
+
+def run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    """`python -m ...` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def first_500_correct() -> int:
+    """Digits of the first 500 test images the shipped model gets right, scored by plain CapsNet + IDX reader."""
+    model, _ = load_weights(WEIGHTS)
+    return int(mnist_hits(model, limit=500).sum())
+
+
+def test_evaluate_weights_agrees_with_the_independent_scorer(first_500_correct):
+    done = run("capsdist.evaluate", "--weights", str(WEIGHTS), "--data.val_samples", "500", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["source"] == "mnist" and result["samples"] == 500
+    assert round(result["acc"] * 500) == first_500_correct
+
+
+def test_figures_from_weights_draw_the_perturbation_grid(tmp_path):
+    done = run("capsdist.figures", "--weights", str(WEIGHTS), "--out", str(tmp_path), "--count", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    grid = np.asarray(Image.open(tmp_path / "perturbation.png").convert("L"), dtype=np.float32) / 255
+    assert grid.shape[0] > grid.shape[1] / 2  # 16 rows of tweaks per digit, side by side
+    assert 0.05 < grid.mean() < 0.6 and grid.max() == 1.0  # drawn digits, not a blank or saturated canvas
+
+
+def test_training_starts_from_the_shipped_weights_and_refuses_a_misfit(tmp_path, first_500_correct):
+    common = ["--config", "configs/mnist.yaml", "--model.init_weights", str(WEIGHTS), "--wandb_mode", "disabled"]
+    common += ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false"]
+    done = run("capsdist.train", "validate", *common, "--data.val_samples", "500", "--data.num_workers", "0",
+               "--trainer.default_root_dir", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(next((tmp_path / "run" / "csv").glob("version_*/metrics.csv")).open()))
+    assert round(float(rows[-1]["val/acc"]) * 500) == first_500_correct
+    misfit = run("capsdist.train", "validate", *common, "--model.conv_channels", "64",
+                 "--trainer.default_root_dir", str(tmp_path / "other"))  # fmt: skip
+    assert misfit.returncode == 2
+    assert "do not fit the configured model" in misfit.stderr and "conv_channels" in misfit.stderr
