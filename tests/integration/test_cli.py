@@ -97,6 +97,7 @@ def test_optimizer_and_scheduler_are_refused(how: str, tmp_path: Path, capsys: p
 NOISE = ["litlogger", "ckpt_path", "`__len__`", "skip_none", "JsonargparseDeprecationWarning", "LeafSpec"]
 
 
+@pytest.mark.slow
 def test_fit_into_a_log_file_is_quiet_and_short(tmp_path: Path) -> None:
     """stdout a file (as under SLURM): no bar redrawn per step, one line per log_every_n_steps; none of the warnings
     every run used to print."""
