@@ -58,7 +58,12 @@ def quiet_known_warnings() -> None:
         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     ):
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_litlogger_tip)  # once per process
+
+
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    """Drop Lightning 2.6's advertisement for its litlogger package, printed at every Trainer construction."""
+    return "litlogger" not in record.getMessage()
 
 
 class CapsCLI(PrivateOverrides):
@@ -87,7 +92,8 @@ class CapsCLI(PrivateOverrides):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Load checkpoints with weights_only unless told otherwise: they hold tensors and plain types only."""
+        """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); turn
+        `--ckpt_path best` into the run's best file (Lightning knows none in a new process); refuse --optimizer."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
