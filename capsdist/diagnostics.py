@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from capsdist.images import to_pil
 from capsdist.metrics import topk_hits
 from capsdist.routing import RoutingStats, recording_routing_stats
+from capsdist.run import is_wandb
 
 MAX_MISCLASSIFIED = 32
 MAX_HISTOGRAM = 20_000
@@ -204,7 +205,7 @@ def train_flops_per_image(pl_module: pl.LightningModule) -> int:
 
 def find_wandb(trainer: pl.Trainer) -> Any:
     """The trainer's W&B logger, or None (W&B is never imported here unless it is in use)."""
-    return next((lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"), None)
+    return next((lg for lg in trainer.loggers if is_wandb(lg)), None)
 
 
 def log_wandb(trainer: pl.Trainer, items: dict[str, Any]) -> None:

@@ -142,6 +142,26 @@ class CapsNet(nn.Module):
         reconstruction: bool = True,
         routing_chunk_size: int | None = None,
     ) -> None:
+        """Build the network; the defaults are the paper's MNIST model.
+
+        Args:
+            in_channels: image channels (MNIST: 1).
+            image_size: input height and width in pixels (MNIST 28, MultiMNIST 36; the CLI takes it from the data).
+            num_classes: class capsules, one per class (the last caps_layers count).
+            conv_channels: Conv1's output channels (paper: 256).
+            conv_kernel: Conv1's kernel size (paper: 9).
+            primary_channels: PrimaryCaps capsule maps (paper: 32).
+            primary_dim: dimensions of each primary capsule (paper: 8).
+            primary_kernel: PrimaryCaps convolution's kernel size (paper: 9).
+            primary_stride: PrimaryCaps convolution's stride (paper: 2).
+            caps_layers: [count, dim] of each routed capsule layer after PrimaryCaps (default: [[num_classes, 16]]).
+            routing_iterations: routing-by-agreement iterations (paper: 3).
+            detach_routing: stop gradients through all but the last routing round (same forward, cheaper backward).
+            routing_chunk_size: stream each routed layer over this many input capsules at a time, forward and
+                backward (capsdist.streaming: same values, memory no longer grows with inputs x outputs); None: off.
+            decoder_hidden: widths of the decoder's hidden layers (paper: [512, 1024]).
+            reconstruction: whether to build the decoder (reconstruction loss and images).
+        """
         super().__init__()
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
         if layers[-1][0] != num_classes:

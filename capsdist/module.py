@@ -42,12 +42,23 @@ class CapsNetModule(pl.LightningModule):
         init_weights: str | None = None,
         **model_args: Any,
     ) -> None:
-        """`model_args` are CapsNet's (capsdist.model; the CLI lists them with their types and defaults);
-        num_targets is digits per image (2: MultiMNIST); the learning rate decays as
-        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr; `log_diagnostics_every_n_steps` sets how often
-        capsdist.diagnostics logs routing statistics and the gradient norm in training (0: no capsule diagnostics
-        at all, also none at validation); `init_weights`, a .safetensors file
-        (e.g. pretrained/capsnet-mnist.safetensors), starts the model from those weights (fine-tuning)."""
+        """The paper's training setup around a CapsNet; the learning rate decays as
+        lr * lr_decay ** (step / lr_decay_steps), floored at min_lr.
+
+        Args:
+            num_targets: digits per image (1: MNIST, 2: MultiMNIST; the CLI takes it from the data).
+            recon_weight: weight of the sum-squared reconstruction error in the loss (paper: 0.0005).
+            lr: Adam's initial learning rate (paper: 1e-3).
+            lr_decay: learning-rate factor per lr_decay_steps steps (paper: 0.96).
+            lr_decay_steps: steps per lr_decay factor (paper: 2000 for MNIST, 20000 for MultiMNIST).
+            min_lr: floor of the decayed learning rate.
+            log_images_every_n_steps: send an input/reconstruction grid to W&B every n steps (0: never).
+            log_diagnostics_every_n_steps: how often capsdist.diagnostics logs routing statistics and the
+                gradient norm in training (0: no capsule diagnostics at all, none at validation either).
+            init_weights: a .safetensors file (e.g. pretrained/capsnet-mnist.safetensors) to start the model from
+                (fine-tuning).
+            model_args: CapsNet's settings (capsdist.model.CapsNet; the CLI lists each with its help).
+        """
         super().__init__()
         self.save_hyperparameters()
         self.model = CapsNet(**model_args)
@@ -86,6 +97,12 @@ class CapsNetModule(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Test loss and metrics."""
         self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per image: the true labels, the k longest capsules (the prediction) and every capsule's length."""
+        lengths = self(batch["image"])
+        predictions = lengths.topk(self.hparams.num_targets, dim=1).indices
+        return {"labels": batch["labels"], "predictions": predictions, "lengths": lengths}
 
     def _log_metrics(self, metrics: CapsMetrics, stage: str) -> None:
         """Log the rank-reduced metrics of an epoch and reset them."""

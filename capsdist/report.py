@@ -68,7 +68,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
     versions = [list(csv.DictReader(io.StringIO(path.read_text()))) for path in files]
     rows = [row for version in versions for row in version]
-    val, test, speed = _column(rows, "val/error"), _column(rows, "test/error"), _column(rows, "train/images_per_s")
+    val, test = _column(rows, "val/error"), _column(rows, "test/error")
+    # ThroughputMonitor's running totals: images over training seconds (data wait included), per fit process
+    speed = [s[-1] / t[-1] for s, t in ((_column(v, "train/samples"), _column(v, "train/time")) for v in versions) if s]
     elapsed = [max(_column(version, "time/elapsed_s"), default=0.0) for version in versions]
     return {
         "run": run_dir.name,
@@ -78,7 +80,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "best_val_error": min(val, default=None),
         "final_val_error": val[-1] if val else None,
         "test_error": test[-1] if test else None,
-        "images_per_s": statistics.median(speed) if speed else None,
+        "images_per_s": statistics.median(speed) if speed else None,  # median over the fit processes (resumes)
         "wall_time_s": sum(elapsed) if any(elapsed) else None,
     }
 

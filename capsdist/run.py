@@ -7,44 +7,159 @@ a W&B logger is asked for (``--wandb_mode offline|online``), so ``disabled`` run
 
 from __future__ import annotations
 
+import csv
+import netrc
 import os
+import secrets
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+import yaml
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
+from pytorch_lightning.callbacks.prediction_writer import BasePredictionWriter
 from pytorch_lightning.cli import SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from capsdist import CapsdistError
+
+RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
+# the W&B summary of each metric: its best value over the run, not the last one logged
+BEST = {"val/error": "min", "val/loss": "min", "val/acc": "max", "val/digit_acc": "max"}
 
 
 class LoggedConfig(SaveConfigCallback):
     """Save the resolved config beside the run and send it to every logger (W&B shows it as the run config)."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Log the whole parsed config as hyperparameters."""
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        """Log the parsed config as nested hyperparameters (trainer/model/data/...), and W&B's best-value summaries."""
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, format="yaml"))
+        config.pop("config", None)  # the --config file paths; their contents are the rest
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config})
+            logger.log_hyperparams(config)
+            if is_wandb(logger):
+                for name, summary in BEST.items():
+                    logger.experiment.define_metric(name, summary=summary, step_metric="trainer/global_step")
 
 
-def run_loggers(root: Path, mode: str, project: str) -> list[Logger]:
-    """CSV logger, plus W&B (offline unless mode='online'; none if 'disabled'), both writing under `root`."""
+def is_wandb(logger: Logger) -> bool:
+    """Whether `logger` is a W&B logger (without importing wandb)."""
+    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
+
+
+class WandbKeyError(CapsdistError):
+    """`online` W&B logging without an API key."""
+
+
+def _has_api_key() -> bool:
+    """WANDB_API_KEY or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _wandb_run_id(root: Path, resuming: bool) -> str | None:
+    """The W&B run id: WANDB_RUN_ID's (None: wandb reads it), the SLURM job's (a requeue keeps it), the stored one
+    when resuming with --ckpt_path, else a fresh one, stored in the run folder for later resumes."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return None
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"{root.name}-slurm{job}"
+    stored = root / RUN_ID_FILE
+    if resuming and stored.is_file():
+        return stored.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if rank_zero_only.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        stored.write_text(run_id + "\n")
+    return run_id
+
+
+class RunWandbLogger(WandbLogger):
+    """Lightning's WandbLogger (wandb is imported only when its run starts) whose save_dir, Lightning's log_dir and
+    so config.yaml's folder, stays the run folder also where $WANDB_DIR puts W&B's own files elsewhere."""
+
+    def __init__(self, root: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = str(root)
+
+    @property
+    def save_dir(self) -> str:
+        """The run folder."""
+        return self.root
+
+
+def run_loggers(root: Path, mode: str | None, project: str | None, resuming: bool = False) -> list[Logger]:
+    """CSV logger, plus W&B under `root` unless the mode is 'disabled'.
+
+    W&B's own environment variables keep working: only settings given as flags are passed (the mode defaults to
+    $WANDB_MODE, then offline; the project to $WANDB_PROJECT, then capsdist; the folder to $WANDB_DIR, then
+    `root`); entity and group come from $WANDB_ENTITY and $WANDB_RUN_GROUP. The run is named after `root`."""
     loggers: list[Logger] = [CSVLogger(root, name="csv")]
-    if mode != "disabled":
-        from pytorch_lightning.loggers import WandbLogger  # needs the wandb package only here
-
+    effective = mode or os.environ.get("WANDB_MODE") or "offline"
+    if effective == "disabled":
+        return loggers
+    if effective in ("online", "run") and not _has_api_key():
+        raise WandbKeyError(
+            "W&B online logging needs an API key, and none is in WANDB_API_KEY or ~/.netrc. "
+            "Fix: run `wandb login` or export WANDB_API_KEY, or log offline (--wandb_mode offline)."
+        )
+    settings: dict[str, Any] = {"project": project or os.environ.get("WANDB_PROJECT") or "capsdist"}
+    if mode or not os.environ.get("WANDB_MODE"):
+        settings["mode"] = effective
+    save_dir = None
+    if not os.environ.get("WANDB_DIR"):
+        # absolute: a W&B service shared with another process (WANDB_SERVICE inherited from a parent that logged)
+        # would resolve a relative folder against its own working directory
+        save_dir = str(root.resolve())
         (root / "wandb").mkdir(parents=True, exist_ok=True)
-        job = os.environ.get("SLURM_JOB_ID")  # a requeued SLURM job keeps its id: one W&B run across restarts
-        run_id = f"{root.name}-slurm{job}" if job else None
-        loggers.insert(0, WandbLogger(project=project, save_dir=str(root), offline=mode == "offline", id=run_id))
+    name = None if os.environ.get("WANDB_NAME") else root.name
+    run_id = _wandb_run_id(root, resuming)
+    loggers.insert(0, RunWandbLogger(root, name=name, save_dir=save_dir, id=run_id, **settings))
     return loggers
 
 
 def finish_wandb(trainer: pl.Trainer) -> None:
     """Close the W&B run on rank 0, so a later run in this process gets its own (no-op without W&B)."""
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+        if is_wandb(logger) and trainer.is_global_zero:
             logger.experiment.finish()
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `predict`'s per-image rows to the run folder: predictions.csv (predictions-rankN.csv with N ranks)
+    with the position in the rank's test stream, label(s), predicted class(es) and every capsule's length."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.root, self.path, self.rows = root, None, 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a fresh file for this rank."""
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
+        self.path, self.rows = self.root / name, 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any, *_: Any) -> None:
+        """Append one row per image."""
+        labels, predicted, lengths = (prediction[k].cpu().tolist() for k in ("labels", "predictions", "lengths"))
+        with open(self.path, "a", newline="") as f:
+            out = csv.writer(f)
+            if self.rows == 0:
+                k, n = len(labels[0]), len(lengths[0])
+                out.writerow(["sample", *[f"label_{i}" for i in range(k)], *[f"prediction_{i}" for i in range(k)],
+                              *[f"length_{j}" for j in range(n)]])  # fmt: skip
+            for row in zip(labels, predicted, lengths, strict=True):
+                out.writerow([self.rows, *row[0], *row[1], *(f"{x:.6f}" for x in row[2])])
+                self.rows += 1
 
 
 class WallClock(Callback):
@@ -75,3 +190,57 @@ def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
         ),
         OnExceptionCheckpoint(folder, "interrupted"),
     ]
+
+
+class LineProgress(ProgressBar):
+    """The progress bar for logs that are not a terminal (SLURM, nohup, CI): one line every `every` training steps
+    and one per validation, instead of a bar redrawn at every step (269 KB for the 937-step quickstart)."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every, self.enabled = max(1, every), True
+
+    def disable(self) -> None:
+        """Lightning turns the bar off where it must not print (non-zero ranks)."""
+        self.enabled = False
+
+    def enable(self) -> None:
+        """And back on."""
+        self.enabled = True
+
+    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, head: str) -> None:
+        """Print `head` and the progress-bar metrics on one line."""
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"{head} {values}", flush=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        """A line every `every` steps."""
+        if self.enabled and trainer.global_step % self.every == 0:
+            of = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+            self._line(trainer, pl_module, f"epoch {trainer.current_epoch} step {trainer.global_step}{of}")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A line per validation (not the sanity check)."""
+        if self.enabled and not trainer.sanity_checking:
+            self._line(trainer, pl_module, f"validation at step {trainer.global_step}:")
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """What `--ckpt_path best` means in a new process (Lightning knows "best" only within the fit that saved it):
+    of the best-*.ckpt files in `folder`, the one with the lowest val/error recorded in it."""
+    import torch
+
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    if not candidates:
+        raise CapsdistError(
+            f"--ckpt_path best: no best-*.ckpt in {folder} (they are written at each validation of `fit`). "
+            "Fix: check trainer.default_root_dir, or give --ckpt_path last or a checkpoint's path."
+        )
+
+    def score(path: Path) -> float:
+        states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+        scores = [s.get("current_score") for s in states.values() if s.get("monitor") == "val/error"]
+        return float(scores[0]) if scores and scores[0] is not None else float("inf")
+
+    return candidates[0] if len(candidates) == 1 else min(candidates, key=score)

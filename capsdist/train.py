@@ -1,4 +1,4 @@
-"""`python -m capsdist.train`: the training CLI, a LightningCLI (fit/validate/test) over CapsNetModule and the data.
+"""`python -m capsdist.train` (`capsdist-train`): the LightningCLI (fit/validate/test/predict) over CapsNetModule.
 
 Thin on purpose: the LightningModule is capsdist.module, the data modules capsdist.data.modules, the run policy
 (loggers, checkpoints, saved config) capsdist.run, and the private Lightning overrides capsdist.lightning_compat.
@@ -7,21 +7,64 @@ Thin on purpose: the LightningModule is capsdist.module, the data modules capsdi
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
 
-from capsdist import user_errors
+from capsdist import CapsdistError, user_errors
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.parallel import SlurmRequeue
-from capsdist.run import LoggedConfig, WallClock, finish_wandb, run_checkpoints, run_loggers
+from capsdist.run import (
+    LineProgress,
+    LoggedConfig,
+    PredictionWriter,
+    WallClock,
+    best_checkpoint,
+    finish_wandb,
+    run_checkpoints,
+    run_loggers,
+)
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
+
+
+class OptimizerFlagError(CapsdistError):
+    """--optimizer/--lr_scheduler given: capsdist trains with the paper's Adam schedule only."""
+
+
+def quiet_known_warnings() -> None:
+    """Silence, by exact message, Lightning's warnings that every capsdist run would print and that say nothing
+    about the user's run."""
+    for message in (
+        # the datasets know their length per rank and split batches across workers themselves (capsdist.data)
+        r"Your `IterableDataset` has `__len__` defined",
+        # OnExceptionCheckpoint makes Lightning look for a "last" checkpoint on every fit (capsdist.run)
+        r"`\.fit\(ckpt_path=None\)` was called without a model",
+        r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+        # jsonargparse deprecations of the calls Lightning 2.6.6 itself makes (skip_none, instantiate_classes)
+        r"\s*By default only one JsonargparseDeprecationWarning per type is shown",
+        r"\s*skip_none parameter was deprecated",
+        r"\s*``instantiate_classes`` was deprecated",
+        # predict's loader is a plain iterable on purpose (capsdist.data.modules.BaseData.predict_dataloader)
+        r"Couldn't infer the batch indices fetched from your dataloader",
+        # Lightning 2.6.6's _pytree against torch >= 2.10, at every checkpoint load
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_litlogger_tip)  # once per process
+
+
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    """Drop Lightning 2.6's advertisement for its litlogger package, printed at every Trainer construction."""
+    return "litlogger" not in record.getMessage()
 
 
 class CapsCLI(PrivateOverrides):
@@ -31,8 +74,17 @@ class CapsCLI(PrivateOverrides):
         """Link data -> model shapes and add the logging switches."""
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.num_targets", "model.num_targets", apply_on="instantiate")
-        parser.add_argument("--wandb_mode", type=Literal["offline", "online", "disabled"], default="offline")
-        parser.add_argument("--wandb_project", type=str, default="capsdist")
+        parser.add_argument(
+            "--wandb_mode",
+            type=Literal["offline", "online", "disabled"] | None,
+            default=None,
+            help="W&B mode (default: $WANDB_MODE, else offline)",
+        )
+        parser.add_argument(
+            "--wandb_project", type=str | None, default=None, help="W&B project (default: $WANDB_PROJECT, capsdist)"
+        )
+        for flag in ("--optimizer", "--lr_scheduler"):  # LightningCLI's would silently replace the paper's schedule
+            parser.add_argument(flag, type=Any, default=None, help="not supported: set --model.lr, --model.lr_decay*")
         parser.add_argument(
             "--checkpoint_every_n_steps",
             type=int,
@@ -41,10 +93,20 @@ class CapsCLI(PrivateOverrides):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Load checkpoints with weights_only unless told otherwise: they hold tensors and plain types only."""
+        """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); turn
+        `--ckpt_path best` into the run's best file (Lightning knows none in a new process); refuse --optimizer."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
+        if config is not None and config.get("ckpt_path") == "best":
+            root = Path(self._get(config, "trainer", default={}).get("default_root_dir") or "runs/default")
+            config["ckpt_path"] = str(best_checkpoint(root / "checkpoints"))
+        if config is not None and (config.get("optimizer") is not None or config.get("lr_scheduler") is not None):
+            raise OptimizerFlagError(
+                "--optimizer/--lr_scheduler (or optimizer:/lr_scheduler: in a config) are not supported: capsdist "
+                "trains with the paper's Adam and exponential learning-rate decay. Fix: drop them and set "
+                "--model.lr, --model.lr_decay, --model.lr_decay_steps and --model.min_lr."
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue."""
@@ -53,7 +115,8 @@ class CapsCLI(PrivateOverrides):
         kwargs["default_root_dir"] = str(root)
         if config.get("logger") in (None, True):
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
-            kwargs["logger"] = run_loggers(root, *wandb)
+            resuming = self._get(self.config_init, "ckpt_path") is not None
+            kwargs["logger"] = run_loggers(root, *wandb, resuming=resuming)
         callbacks = list(config.get("callbacks") or [])
         self.checkpoint_dir = None
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -64,6 +127,11 @@ class CapsCLI(PrivateOverrides):
         callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), CapsuleDiagnostics()]
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(root))
+        plain_log = not sys.stdout.isatty() and config.get("enable_progress_bar") is not False
+        if plain_log and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(LineProgress(config.get("log_every_n_steps") or 50))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -84,9 +152,30 @@ class CapsCLI(PrivateOverrides):
             print(json.dumps(summary))
         finish_wandb(trainer)
 
+    def after_validate(self) -> None:
+        """Close the W&B run."""
+        finish_wandb(self.trainer)
+
+    def after_test(self) -> None:
+        """Print the test metrics and the checkpoint they are of as one JSON line."""
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            print(json.dumps({"checkpoint": trainer.ckpt_path, **metrics}))
+        finish_wandb(trainer)
+
+    def after_predict(self) -> None:
+        """Print where the predictions went as one JSON line."""
+        writer = next(c for c in self.trainer.callbacks if isinstance(c, PredictionWriter))
+        if self.trainer.is_global_zero:
+            written = {"predictions": str(writer.path), "rows": writer.rows}
+            print(json.dumps({"checkpoint": self.trainer.ckpt_path, **written}))
+        finish_wandb(self.trainer)
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
+    quiet_known_warnings()
     with user_errors():
         CapsCLI(
             CapsNetModule,
@@ -96,6 +185,7 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             parser_kwargs={"allow_abbrev": False},
             load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
+            auto_configure_optimizers=False,  # the paper's schedule is the module's; see --optimizer's refusal
             args=args,
         )
 

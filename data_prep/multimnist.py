@@ -1,7 +1,7 @@
 """Write MultiMNIST as deterministic, resumable WebDataset tar shards.
 
-    python -m data_prep.multimnist --split train --per-digit 1000 --out shards/train --workers 16
-    python -m data_prep.multimnist --split test --num-samples 10000 --out shards/test
+    python -m data_prep.multimnist --split train --per_digit 1000 --out shards/train --workers 16
+    python -m data_prep.multimnist --split test --num_samples 10000 --out shards/test
     python -m data_prep.multimnist --benchmark          # = python -m capsdist.bench --what shard_write,shard_read
 
 Output: ``OUT/<split>-NNNNNN.tar`` and ``OUT/manifest.json`` (per-shard count and sha256, parameters, seed).
@@ -137,19 +137,27 @@ def generate(
     return out / MANIFEST
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, in the training CLI's underscore style (the hyphenated spellings are kept as aliases)."""
     ap = argparse.ArgumentParser(prog="python -m data_prep.multimnist", description=__doc__.split("\n")[0])
-    ap.add_argument("--mnist-dir", help="MNIST folder (default: $CAPSDIST_MNIST_DIR, repo data/mnist, cache)")
+    ap.add_argument(
+        "--mnist_dir", "--mnist-dir", help="MNIST folder (default: $CAPSDIST_MNIST_DIR, repo data/mnist, cache)"
+    )
     ap.add_argument("--split", choices=("train", "test"), default="train")
     ap.add_argument("--out", help="output folder for shards and manifest.json")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--per-digit", type=int, help="overlays per source digit (paper: 1000)")
-    size.add_argument("--num-samples", type=int, help="total samples (first digit drawn uniformly)")
-    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    size.add_argument("--per_digit", "--per-digit", type=int, help="overlays per source digit (paper: 1000)")
+    size.add_argument("--num_samples", "--num-samples", type=int, help="total samples (first digit drawn uniformly)")
+    ap.add_argument("--shard_size", "--shard-size", type=int, default=1000, help="samples per shard")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (output does not depend on it)")
     ap.add_argument("--benchmark", action="store_true", help="print generation and decode speed, write nothing")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (`capsdist-shards`)."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         if args.benchmark:
@@ -158,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(shard_benchmark(args.mnist_dir, args.num_samples or 4000), indent=1))
             return 0
         if not args.out or not (args.per_digit or args.num_samples):
-            ap.error("--out and one of --per-digit / --num-samples are required")
+            ap.error("--out and one of --per_digit / --num_samples are required")
         plan_args = {
             "split": args.split,
             "per_digit": args.per_digit,

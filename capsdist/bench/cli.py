@@ -26,8 +26,8 @@ def split_list(values: list[str]) -> list[str]:
     return [item for value in values for item in value.split(",") if item]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; with none, every `what` on CPU (model rows in fp32 and bf16 autocast, batch 64)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, in the training CLI's underscore style (the hyphenated spellings are kept as aliases)."""
     parser = argparse.ArgumentParser(prog="python -m capsdist.bench", description=__doc__)
     parser.add_argument("--what", action="append", default=[], help=f"repeatable or comma list of {WHATS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -37,16 +37,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help=f"repeatable or comma list of {tuple(LOW_PRECISION)}; default 32,bf16-mixed",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    parser.add_argument("--image_size", "--image-size", type=int, default=28)
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
-    parser.add_argument("--data-samples", type=int, default=1000, help="MultiMNIST samples per shard benchmark run")
+    parser.add_argument(
+        "--data_samples", "--data-samples", type=int, default=1000, help="MultiMNIST samples per shard benchmark run"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--channels-last", action="store_true", help="capsdist convs in channels_last")
+    parser.add_argument(
+        "--channels_last", "--channels-last", action="store_true", help="capsdist convs in channels_last"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the capsdist model")
-    parser.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (reduce-overhead)")
+    parser.add_argument(
+        "--cuda_graphs", "--cuda-graphs", action="store_true", help="compile with CUDA graphs (reduce-overhead)"
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; with none, every `what` on CPU (model rows in fp32 and bf16 autocast, batch 64)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.what = split_list(args.what) or list(WHATS)
     args.precision = split_list(args.precision) or ["32", "bf16-mixed"]
@@ -54,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if bad := [v for v in values if v not in allowed]:
             parser.error(f"{name} {bad[0]!r} is not one of {tuple(allowed)}")
     if args.cuda_graphs and not args.device.startswith("cuda"):
-        parser.error("--cuda-graphs needs --device cuda")
+        parser.error("--cuda_graphs needs --device cuda")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     return args

@@ -1,11 +1,15 @@
 """LightningDataModules, one per source, on a small shared base; ``CapsDataModule`` is the CLI's entry.
 
   - ``MnistData`` (``source: mnist``): the IDX arrays in memory, the paper's augmentation (shift of up to
-    ``max_shift`` px, zero padded); recon = the shifted image. Validation = the official 10k test split, unshifted.
+    ``max_shift`` px, zero padded); recon = the shifted image. Validation and test both read the official 10k test
+    split, unshifted (MNIST has no other held-out split; the paper and its official code report on it too).
   - ``OnTheFlyData`` (``source: multimnist_onthefly``): pairs drawn from the MNIST train split (validation: a fixed
-    stream from the test split); ``generate_on_device=True`` makes workers ship only indices/offsets and composes
-    on the GPU in ``on_after_batch_transfer`` (same samples, no CPU image work).
-  - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``).
+    stream from the test split, which ``test`` reads too); ``generate_on_device=True`` makes workers ship only
+    indices/offsets and composes on the GPU in ``on_after_batch_transfer`` (same samples, no CPU image work).
+  - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``); ``test`` reads
+    ``test_shards`` (default: the validation shards).
+
+``predict`` reads what ``test`` reads.
 
 ``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working (``data.source: mnist``,
 ``--data.batch_size 64``): it takes the union of the settings and returns the source's module, built from the
@@ -15,6 +19,7 @@ settings that module has (the others are meaningless for that source and ignored
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Iterator
 from typing import ClassVar, Literal
 
 import pytorch_lightning as pl
@@ -75,9 +80,31 @@ class BaseData(pl.LightningDataModule):
             return rank_batches
         return (samples or default) // (self._rank()[1] * self.batch_size)
 
+    def test_dataloader(self) -> ResumableLoader:
+        """The held-out test data of this source (subclasses)."""
+        raise NotImplementedError
+
+    def predict_dataloader(self) -> Iterable[Batch]:
+        """The test data, as a plain iterable: Lightning rebuilds any DataLoader given to predict with its own
+        sampler (to track sample indices), which a batch stream has no place for."""
+        return _Plain(self.test_dataloader())
+
     def _loader(self, dataset: IterableDataset, train: bool) -> ResumableLoader:
         """A ResumableLoader with this module's worker settings (training reads the epoch from the trainer)."""
         return ResumableLoader(dataset, self.num_workers, self._epoch if train else None, self.pin_memory)
+
+
+class _Plain:
+    """A loader hidden behind a plain iterable (with its length)."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class _MnistArrays(BaseData):
@@ -145,14 +172,21 @@ class MnistData(_MnistArrays):
         )  # fmt: skip
         return self._loader(stream, train=True)
 
-    def val_dataloader(self) -> ResumableLoader:
-        """This rank's share of the test split, unshifted."""
+    def _test_split(self, samples: int | None, batches: int | None) -> ResumableLoader:
+        """This rank's share of the first `samples` test digits (all by default), unshifted, in order."""
         images, labels = self._splits["test"]
-        cap = slice(None, self.val_samples)
-        stream = MnistStream(
-            images[cap], labels[cap], self.batch_size, False, num_batches=self.val_batches, **self._stream_args()
-        )
+        cap = slice(None, samples)
+        args = self._stream_args()
+        stream = MnistStream(images[cap], labels[cap], self.batch_size, False, num_batches=batches, **args)
         return self._loader(stream, train=False)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """The test split (val_samples and val_batches cap it)."""
+        return self._test_split(self.val_samples, self.val_batches)
+
+    def test_dataloader(self) -> ResumableLoader:
+        """All 10,000 test digits (Trainer's limit_test_batches caps them)."""
+        return self._test_split(None, None)
 
 
 class OnTheFlyData(_MnistArrays):
@@ -202,12 +236,20 @@ class OnTheFlyData(_MnistArrays):
         )
         return self._loader(stream, train=True)
 
-    def val_dataloader(self) -> ResumableLoader:
-        """A fixed stream of test-split overlays (the same samples every epoch)."""
+    def _test_stream(self, samples: int | None, batches: int | None) -> ResumableLoader:
+        """The fixed stream of test-split overlays (the same samples every epoch), `samples` long (default 10k)."""
         images, labels = self._splits["test"]
-        n = self._stream_batches(self.val_samples, 10000, self.val_batches)
+        n = self._stream_batches(samples, 10000, batches)
         stream = OnTheFlyMultiMnist(images, labels, self.batch_size, n, train=False, **self._stream_args())
         return self._loader(stream, train=False)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """The fixed test stream, val_samples long (val_batches caps it)."""
+        return self._test_stream(self.val_samples, self.val_batches)
+
+    def test_dataloader(self) -> ResumableLoader:
+        """The fixed test stream, 10,000 samples (the start of the validation stream when val_samples < 10k)."""
+        return self._test_stream(None, None)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """With generate_on_device, compose drawn training pairs on the batch's device (validation comes composed)."""
@@ -228,6 +270,7 @@ class ShardData(BaseData):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         batch_size: int = 128,
         num_workers: int = 2,
         shuffle_buffer: int = 2000,
@@ -242,6 +285,7 @@ class ShardData(BaseData):
         Args:
             train_shards: training shards (paths, directories, brace patterns, URLs, pipe:).
             val_shards: validation shards, read once per validation.
+            test_shards: shards that `test` and `predict` read once (default: val_shards).
             batch_size: samples per batch per rank.
             num_workers: DataLoader worker processes per rank (a resume needs the same number).
             shuffle_buffer: samples in each shard worker's shuffle buffer.
@@ -253,7 +297,7 @@ class ShardData(BaseData):
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.shuffle_buffer, self.train_samples = shuffle_buffer, train_samples
 
     def train_dataloader(self) -> ResumableLoader:
@@ -274,13 +318,20 @@ class ShardData(BaseData):
         )
         return self._loader(stream, train=True)
 
-    def val_dataloader(self) -> ResumableLoader:
-        """One exact pass over the validation shards, split by rank then worker."""
+    def _one_pass(self, shards: str | list[str] | None, batches: int | None) -> ResumableLoader:
+        """One exact pass over `shards`, split by rank then worker."""
         from capsdist.data.shards import ShardStream, expand_shards
 
-        urls = expand_shards(self.val_shards)
-        stream = ShardStream(urls, self.batch_size, False, num_batches=self.val_batches, **self._stream_args())
+        stream = ShardStream(expand_shards(shards), self.batch_size, False, num_batches=batches, **self._stream_args())
         return self._loader(stream, train=False)
+
+    def val_dataloader(self) -> ResumableLoader:
+        """One exact pass over the validation shards (val_batches caps it)."""
+        return self._one_pass(self.val_shards, self.val_batches)
+
+    def test_dataloader(self) -> ResumableLoader:
+        """One exact pass over test_shards (default: the validation shards)."""
+        return self._one_pass(self.test_shards or self.val_shards, None)
 
 
 SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData)}
@@ -295,6 +346,7 @@ class CapsDataModule(BaseData):
         mnist_dir: str | None = None,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         batch_size: int = 128,
         num_workers: int = 2,
         shuffle_buffer: int = 2000,
@@ -314,6 +366,7 @@ class CapsDataModule(BaseData):
             mnist_dir: mnist, on-the-fly: MNIST folder (default: $CAPSDIST_MNIST_DIR, data/mnist, a download).
             train_shards: shards: training shards (paths, directories, brace patterns, URLs, pipe:).
             val_shards: shards: validation shards.
+            test_shards: shards: what `test` and `predict` read (default: val_shards).
             batch_size: samples per batch per rank.
             num_workers: DataLoader worker processes per rank.
             shuffle_buffer: shards: samples in each shard worker's shuffle buffer.

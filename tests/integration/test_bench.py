@@ -85,7 +85,7 @@ def test_cli_train_step_prints_json_lines():
     [
         (["--what", "nonsense"], "--what 'nonsense'"),
         (["--precision", "64"], "--precision '64'"),
-        (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+        (["--cuda-graphs"], "--cuda_graphs needs --device cuda"),
     ],
 )
 def test_bad_flags_name_the_problem(argv, message, capsys):

@@ -10,7 +10,7 @@ import pytest
 
 from capsdist.train import main
 from tests.conftest import TINY
-from tests.wandb_offline import history, records
+from tests.wandb_records import finished_records, history
 
 RUN = [*TINY, "--trainer.max_steps=24", "--trainer.val_check_interval=12", "--data.train_samples=768"]
 RUN += ["--data.val_samples=256", "--model.log_diagnostics_every_n_steps=4", "--wandb_mode=offline"]
@@ -64,7 +64,7 @@ def test_wandb_file_holds_every_capsule_panel(run: Path) -> None:
 
 
 def test_checkpoints_become_model_artifacts_with_metrics(run: Path) -> None:
-    artifacts = [r.artifact for r in records(offline_run(run)) if r.WhichOneof("record_type") == "artifact"]
+    artifacts = [r.artifact for r in finished_records(offline_run(run)) if r.WhichOneof("record_type") == "artifact"]
     models = [a for a in artifacts if a.type == "model"]
     assert len(models) == 2  # best and last
     assert all('"val/error"' in a.metadata for a in models)

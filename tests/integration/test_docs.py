@@ -82,7 +82,8 @@ def readme_commands() -> list[list[str]]:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny trained checkpoint standing in for the README's runs/*/checkpoints/*.ckpt."""
     root = tmp_path_factory.mktemp("ckpt")
-    train_main(["fit", *QUICK, "--data.source=mnist", "--data.train_samples=64", f"--trainer.default_root_dir={root}"])
+    quick = [*QUICK, "--trainer.val_check_interval=2"]  # a validation, so a best-*.ckpt for `--ckpt_path best`
+    train_main(["fit", *quick, "--data.source=mnist", "--data.train_samples=64", f"--trainer.default_root_dir={root}"])
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -104,7 +105,13 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
     seen = set()
     for i, (module, *argv) in enumerate(commands):
         seen.add(module)
-        if module == "capsdist.train":
+        if module == "capsdist.train" and argv[0] in ("test", "predict"):  # quick for real on the tiny checkpoint
+            root = checkpoint.parents[1]
+            limits = ["--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=2"]
+            train_main([*argv, *QUICK, *limits, f"--trainer.default_root_dir={root}"])
+            out = capsys.readouterr().out
+            assert '"test/acc"' in out if argv[0] == "test" else (root / "predictions.csv").is_file(), out
+        elif module == "capsdist.train":
             with pytest.raises(SystemExit) as exit_:
                 train_main([*argv, "--print_config"])
             assert exit_.value.code in (0, None), argv
@@ -120,13 +127,13 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
             assert mnist.main(argv) == 0
         elif module == "data_prep.multimnist":
             if "--benchmark" in argv:
-                argv = [*argv, "--num-samples", "100"]
+                argv = [*argv, "--num_samples", "100"]
             else:
-                if "--per-digit" in argv:  # the paper's 60M samples: make it 20
-                    i_per = argv.index("--per-digit")
+                if "--per_digit" in argv:  # the paper's 60M samples: make it 20
+                    i_per = argv.index("--per_digit")
                     argv = argv[:i_per] + argv[i_per + 2 :]
-                argv = _replace(_replace(argv, "--num-samples", "20"), "--out", str(tmp_path / f"shards{i}"))
-                argv = _replace(_replace(argv, "--workers", "1"), "--shard-size", "10")
+                argv = _replace(_replace(argv, "--num_samples", "20"), "--out", str(tmp_path / f"shards{i}"))
+                argv = _replace(_replace(argv, "--workers", "1"), "--shard_size", "10")
             assert multimnist.main(argv) == 0, argv
         elif module == "capsdist.report":  # the fixture's run folder stands in for runs/ablation/*
             report.main([str(checkpoint.parents[1]), *(a for a in argv if a.startswith("--"))])

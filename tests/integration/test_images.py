@@ -10,7 +10,7 @@ from capsdist.images import reconstruction_sheet
 from capsdist.module import CapsNetModule
 from capsdist.train import main
 from tests.conftest import SHIPPED, TINY
-from tests.wandb_offline import history
+from tests.wandb_records import history
 
 
 def test_wandb_images_are_visible_and_captioned(tmp_path):

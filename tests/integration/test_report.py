@@ -15,7 +15,7 @@ from capsdist import report
 from capsdist.train import main as train
 from tests.conftest import REPO, TINY, TINY_MODEL
 from tests.slurm_cluster import SlurmCluster, free_port
-from tests.wandb_offline import records
+from tests.wandb_records import finished_records
 
 
 def fit_summary(root: Path, capsys: pytest.CaptureFixture, *flags: str) -> dict:
@@ -90,7 +90,7 @@ def test_ablation_array_runs_each_row_into_its_own_folder(slurm_cluster: SlurmCl
     assert [r.name for r in runs] == ["routing1_norecon", "routing1_recon"]
     for run in runs:
         (wandb_run,) = run.glob("wandb/offline-run-*")
-        groups = {r.run.run_group for r in records(wandb_run) if r.WhichOneof("record_type") == "run"}
+        groups = {r.run.run_group for r in finished_records(wandb_run) if r.WhichOneof("record_type") == "run"}
         assert groups == {"ablation"}
     rows = [report.summarize(run) for run in runs]
     assert [(r["routing_iterations"], r["reconstruction"], r["steps"]) for r in rows] == [(1, False, 3), (1, True, 3)]
