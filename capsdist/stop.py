@@ -121,10 +121,10 @@ class GracefulStop(pl.Callback):
         under_slurm = SLURMEnvironment.detect()
         if under_slurm:  # Lightning's naming; rank 0 picks the number for everyone
             hpc = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-            path = Path(trainer.strategy.broadcast(hpc))
+            path = Path(trainer.strategy.broadcast(hpc)).resolve()
         else:
-            path = self.interrupted
-        trainer.save_checkpoint(path)  # returns on every rank only once the file is complete
+            path = self.interrupted.resolve()
+        trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
         code = EXIT_CODES[request]
         note = ""
         if trainer.is_global_zero:
@@ -147,6 +147,8 @@ class GracefulStop(pl.Callback):
         if not under_slurm or not job:
             return "not under SLURM: nothing to requeue", EXIT_CODES[REQUEUE]
         if os.environ.get("CAPSDIST_REQUEUE") == "batch":
+            if os.environ.get("CAPSDIST_REQUEUE_MARK"):
+                Path(os.environ["CAPSDIST_REQUEUE_MARK"]).touch()
             return f"the batch script requeues job {job}", EXIT_CODES[REQUEUE]
         if shutil.which("scontrol") is None:
             rank_zero_warn(

@@ -83,6 +83,7 @@ class CapsCLI(PrivateOverrides):
             outcome = "a fresh run"
         else:
             path, step = resume.resolve(str(ckpt_path), root)
+            path = path.resolve()
             model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
             resume.check_identity(resume.read_checkpoint(path), path, model, data)
             config["ckpt_path"] = str(path)
