@@ -138,7 +138,10 @@ class GracefulStop(pl.Callback):
                 f"{time.monotonic() - started:.1f} s; {note or 'exiting'} (exit code {code})"
             )
             print(fit_summary(trainer, stopped=NAMES[request], checkpoint=str(path), exit_code=code), flush=True)
-        finish_wandb(trainer)
+        try:  # the step's SIGTERM also reaches W&B's service process; its loss must not turn into a crash
+            finish_wandb(trainer)
+        except Exception as err:
+            rank_zero_warn(f"capsdist: the W&B run was not finished cleanly ({err}); its local files are kept")
         raise TrainingStopped(code)
 
     def _requeue(self, under_slurm: bool) -> tuple[str, int]:
