@@ -8,6 +8,7 @@ snapshot files (never a step-0 file), not Lightning's newest-file / hpc-first ch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from capsdist import CapsdistError
 from capsdist.checkpoint import MODEL_ARGS
+from capsdist.module import CheckpointMismatchError
 
 JOB_FILE = "slurm_job"  # in the run folder: the SLURM job (array task) id that owns it, for automatic requeue
 # model settings a resumed run must share with its checkpoint (the rest, e.g. image logging, may change)
@@ -167,26 +169,18 @@ def refuse_reused_folder(root: Path, files: list[Path]) -> ResumeError:
 def check_identity(checkpoint: dict[str, Any], path: Path, model: dict[str, Any], data: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint of another experiment: model settings or data source that differ."""
     saved = checkpoint.get("hyper_parameters", {})
-    differ = [f"{k}: {saved.get(k)!r} vs {model.get(k)!r}" for k in IDENTITY_KEYS if _norm(saved.get(k)) !=
-              _norm(model.get(k)) and (k in saved or k in model)]  # fmt: skip
+    plain = {k: (json.dumps(saved.get(k)), json.dumps(model.get(k))) for k in IDENTITY_KEYS}
+    differ = {k: f"{a} vs {b}" for k, (a, b) in plain.items() if a != b and (k in saved or k in model)}
     theirs = checkpoint.get("datamodule_hyper_parameters", {}).get("source")
     if theirs is not None and data.get("source") is not None and theirs != data["source"]:
-        differ.append(f"data.source: {theirs!r} vs {data['source']!r}")
+        differ["data.source"] = f"{theirs} vs {data['source']}"
     if differ:
-        from capsdist.module import CheckpointMismatchError
-
         raise CheckpointMismatchError(
-            f"{path} belongs to another experiment (checkpoint vs configured: {'; '.join(differ[:5])}), so "
-            "resuming it would continue a different run. Fix: resume with the settings of the run that wrote it "
-            "(its config.yaml is in that run folder), or start a fresh run in a new folder without --ckpt_path."
+            f"{path} was written by a different model or experiment than the one configured (settings checkpoint "
+            f"vs configured: {differ}), so resuming it would continue another run. Fix: resume with the settings "
+            "of the run that wrote it (its config.yaml is in that run folder), or start a fresh run in a new "
+            "folder without --ckpt_path."
         )
-
-
-def _norm(value: Any) -> Any:
-    """Settings as comparable plain values (tuples and lists alike)."""
-    if isinstance(value, list | tuple):
-        return [_norm(v) for v in value]
-    return value
 
 
 def stale_hpc(root: str | Path, below_step: int) -> list[Path]:
