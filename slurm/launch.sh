@@ -38,8 +38,10 @@ if ((gpus > 0 && gpus != SLURM_NTASKS_PER_NODE)); then
     "GPU, so the others would sit idle. Fix: pass --ntasks-per-node=${gpus} with --gpus-per-node=${gpus}." >&2
   exit 2
 fi
-# A login shell's leftovers must not point the ranks at another job's rendezvous (Lightning derives both).
+# A login shell's leftovers must not point the ranks at another job's rendezvous: Lightning derives the address
+# from the node list and the port from the job id (15000 + its last 4 digits) unless CAPSDIST_MASTER_PORT is set.
 unset MASTER_ADDR MASTER_PORT
+if [[ -n "${CAPSDIST_MASTER_PORT:-}" ]]; then export MASTER_PORT=${CAPSDIST_MASTER_PORT}; fi
 # The remaining-time check: stop (and requeue) before a validation pass that would end past the time limit.
 end=$(squeue -h -j "${SLURM_JOB_ID}" -o %e 2>/dev/null || true)
 CAPSDIST_JOB_END=$(date -d "${end}" +%s 2>/dev/null || true)

@@ -117,4 +117,5 @@ def train_env(**extra: str) -> dict[str, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     repo = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **extra}
+    ports = {"MASTER_PORT": str(port), "CAPSDIST_MASTER_PORT": str(port)}  # several test clusters on one host
+    return {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", **ports, **extra}

@@ -226,3 +226,37 @@ def test_job_stopped_early_without_requeue_exits_nonzero(slurm_cluster: SlurmClu
     assert '"stopped": "SIGTERM"' in log and '"global_step": 3' in log
     assert (tmp_path / "runs" / "early" / "hpc_ckpt_1.ckpt").is_file()
     _assert_nothing_left(slurm_cluster, job, tmp_path)
+
+
+def test_template_folder_per_array_task_cpus_and_no_stale_rendezvous(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The template itself, with a stub in place of Python: each array task gets its own run folder (one hash of
+    config + overrides), srun hands the tasks --cpus-per-task, and a stale MASTER_ADDR/PORT does not reach them."""
+    stub = tmp_path / "stub.sh"
+    stub.write_text('#!/bin/bash\nout="$STUB_OUT/${SLURM_ARRAY_TASK_ID}"\nprintf "%s\\n" "$@" > "$out.args"\n'
+                    'env > "$out.env"\n')  # fmt: skip
+    stub.chmod(0o755)
+    config = write_yaml(tmp_path / "tiny.yaml", SLURM_CONFIG)
+    env = {k: v for k, v in train_env().items() if k != "CAPSDIST_MASTER_PORT"}
+    env |= {"CAPSDIST_HOME": str(REPO), "CAPSDIST_PYTHON": str(stub), "STUB_OUT": str(tmp_path),
+            "MASTER_ADDR": "stale.example", "MASTER_PORT": "1"}  # fmt: skip
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "single_node.sbatch", str(config), "--trainer.max_steps=3", env=env,
+        options=["--job-name=arr", "--array=0-1", "--ntasks-per-node=1", "--cpus-per-task=2", "--gpus-per-node=0",
+                 f"--chdir={tmp_path}"],
+    )  # fmt: skip
+    for task in (0, 1):
+        assert slurm_cluster.wait_for_state(f"{job}_{task}", [], timeout=120) == "COMPLETED"
+    folders = []
+    for task in (0, 1):
+        args = (tmp_path / f"{task}.args").read_text().splitlines()
+        folders += [a.split("=", 1)[1] for a in args if a.startswith("--trainer.default_root_dir=")]
+        task_env = dict(
+            line.split("=", 1) for line in (tmp_path / f"{task}.env").read_text().splitlines() if "=" in line
+        )
+        assert (
+            task_env["SLURM_CPUS_PER_TASK"] == "2" and "MASTER_ADDR" not in task_env and "MASTER_PORT" not in task_env
+        )
+    assert folders[0] != folders[1] and folders[0].removesuffix("-task0") == folders[1].removesuffix("-task1")
+    assert folders[0].startswith("runs/arr-")

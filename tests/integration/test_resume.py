@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,16 @@ def test_atomic_save_never_leaves_a_torn_file(tmp_path: Path) -> None:
         atomic_save({"global_step": 2, "bad": Unpicklable()}, target)
     assert torch.load(target, weights_only=True)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_short_time_left_stops_before_validation(tmp_path: Path) -> None:
+    """With less time left than the stop lead (the templates export the job's end), the run saves and exits 75
+    (requeue) at the first step boundary instead of running on into validation and the time limit."""
+    root = tmp_path / "run"
+    env = {"CAPSDIST_JOB_END": str(int(time.time()) + 1000), "CAPSDIST_STOP_LEAD_S": "1200"}
+    args = [*TINY, *DATA, f"--trainer.default_root_dir={root}", "--trainer.max_steps=12"]
+    proc = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", *args], env=train_env(**env),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    result = summary(proc.stdout)
+    assert result["global_step"] == 1 and result["stopped"].startswith("requeue") and "val/loss" not in result
