@@ -175,3 +175,10 @@ def test_short_time_left_stops_before_validation(tmp_path: Path) -> None:
     assert proc.returncode == 75, proc.stderr[-3000:]
     result = summary(proc.stdout)
     assert result["global_step"] == 1 and result["stopped"].startswith("requeue") and "val/loss" not in result
+
+
+def test_loader_workers_default_from_the_slurm_allocation() -> None:
+    """Under SLURM the DataLoader workers default to the task's CPUs minus the training process."""
+    proc = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", "--print_config"], capture_output=True,
+                          text=True, timeout=120, env=train_env(SLURM_CPUS_PER_TASK="5"))  # fmt: skip
+    assert "  num_workers: 4\n" in proc.stdout, proc.stderr[-2000:]
