@@ -48,6 +48,16 @@ def _log(tmp: Path, name: str, job: int) -> str:
     return (tmp / f"{name}-{job}.out").read_text(errors="replace")
 
 
+def _sacct(cluster: SlurmCluster, job: int | str) -> list[str]:
+    """The job's sacct lines once accounting has its end (slurmdbd lags slurmctld by a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = cluster.sacct(job)
+        if (lines and all(line.split("|")[-1] != "Unknown" for line in lines)) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
+
+
 def _states(lines: list[str]) -> list[str]:
     """The job-level states of ``sacct --duplicates`` lines, one per run of the job."""
     return [line.split("|")[2] for line in lines if "." not in line.split("|")[0]]
@@ -89,7 +99,7 @@ def uninterrupted(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPath
     job = _submit(slurm_cluster, tmp, "capsdist-ddp", probe_config(tmp / "probe.yaml", tmp / "probe"))
     state = slurm_cluster.wait_for_state(job, [], timeout=240)
     assert state == "COMPLETED", _log(tmp, "capsdist-ddp", job)[-4000:]
-    return {"job": job, "tmp": tmp, "sacct": slurm_cluster.sacct(job), "records": records(tmp / "probe")}
+    return {"job": job, "tmp": tmp, "sacct": _sacct(slurm_cluster, job), "records": records(tmp / "probe")}
 
 
 def test_sbatch_ddp_two_tasks_completes_with_identical_params(uninterrupted: dict) -> None:
@@ -127,7 +137,7 @@ def test_usr1_to_batch_shell_requeues_and_resumes_exactly(
     job = _submit(slurm_cluster, tmp_path, name, probe_config(tmp_path / "p.yaml", out, pause_at_step=PAUSE_AT))
     _held_then(slurm_cluster, job, out, 2, "scancel", "--batch", "--signal=USR1", str(job))
     state = slurm_cluster.wait_for_state(job, [], timeout=240)
-    lines, log = slurm_cluster.sacct(job), _log(tmp_path, name, job)
+    lines, log = _sacct(slurm_cluster, job), _log(tmp_path, name, job)
     print("\n".join(["sacct:", *lines]))
     assert state == "COMPLETED", log[-4000:]
     assert _states(lines) == ["REQUEUED", "COMPLETED"]
@@ -147,7 +157,7 @@ def sigterm_requeued(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempP
                   "--run_name=term")  # fmt: skip
     _held_then(slurm_cluster, job, out, 2, "scontrol", "requeue", str(job))
     state = slurm_cluster.wait_for_state(job, [], timeout=240)
-    return {"tmp": tmp, "name": name, "job": job, "state": state, "out": out, "sacct": slurm_cluster.sacct(job)}
+    return {"tmp": tmp, "name": name, "job": job, "state": state, "out": out, "sacct": _sacct(slurm_cluster, job)}
 
 
 def test_sigterm_requeue_resumes_where_it_stopped(
@@ -175,7 +185,7 @@ def test_resubmitted_finished_job_does_not_go_back(slurm_cluster: SlurmCluster, 
     before = _digest(last)
     refused = _submit(slurm_cluster, tmp, "resubmit", tmp / "p.yaml", "--run_name=term", tasks=1)
     assert slurm_cluster.wait_for_state(refused, [], timeout=120) == "FAILED"
-    lines = slurm_cluster.sacct(refused)
+    lines = _sacct(slurm_cluster, refused)
     print("\n".join(["sacct (refused):", *lines]))
     assert lines[0].split("|")[3] == "2:0" and "--ckpt_path last" in _log(tmp, "resubmit", refused)
     assert _digest(last) == before and (root / "hpc_ckpt_1.ckpt").is_file()
@@ -184,7 +194,7 @@ def test_resubmitted_finished_job_does_not_go_back(slurm_cluster: SlurmCluster, 
     job = _submit(slurm_cluster, tmp, "resubmit", probe_config(tmp / "p2.yaml", out), "--run_name=term",
                   "--ckpt_path=last")  # fmt: skip
     assert slurm_cluster.wait_for_state(job, [], timeout=120) == "COMPLETED", _log(tmp, "resubmit", job)[-4000:]
-    print("\n".join(["sacct (resubmitted):", *slurm_cluster.sacct(job)]))
+    print("\n".join(["sacct (resubmitted):", *_sacct(slurm_cluster, job)]))
     assert f"resuming from {last} at step {MAX_STEPS}" in _log(tmp, "resubmit", job)
     assert {r["global_step"] for r in records(out)} == {MAX_STEPS} and records(out)[0]["train"] == []
     assert not (root / "hpc_ckpt_1.ckpt").exists()  # the stale one is gone once superseded
@@ -201,7 +211,7 @@ def test_two_experiments_with_one_job_name_do_not_share_state(slurm_cluster: Slu
         assert slurm_cluster.wait_for_state(jobs[steps], [], timeout=120) == "COMPLETED", _log(
             tmp_path, "same", jobs[steps]
         )[-4000:]
-        print("\n".join([f"sacct ({steps} steps):", *slurm_cluster.sacct(jobs[steps])]))
+        print("\n".join([f"sacct ({steps} steps):", *_sacct(slurm_cluster, jobs[steps])]))
         (record,) = records(out)
         assert record["global_step"] == steps and len(record["train"]) == steps * BATCH  # from step 0
         assert "a fresh run" in _log(tmp_path, "same", jobs[steps])
@@ -219,7 +229,7 @@ def test_job_stopped_early_without_requeue_exits_nonzero(slurm_cluster: SlurmClu
                   "--run_name=early", tasks=1)  # fmt: skip
     _held_then(slurm_cluster, job, out, 1, "scancel", "--signal=TERM", str(job))
     state = slurm_cluster.wait_for_state(job, [], timeout=120)
-    lines, log = slurm_cluster.sacct(job), _log(tmp_path, "early", job)
+    lines, log = _sacct(slurm_cluster, job), _log(tmp_path, "early", job)
     print("\n".join(["sacct:", *lines]))
     assert state == "FAILED" and lines[0].split("|")[3] != "0:0", log[-3000:]
     assert "exiting (exit code 143)" in log
