@@ -182,3 +182,24 @@ def test_loader_workers_default_from_the_slurm_allocation() -> None:
     proc = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", "--print_config"], capture_output=True,
                           text=True, timeout=120, env=train_env(SLURM_CPUS_PER_TASK="5"))  # fmt: skip
     assert "  num_workers: 4\n" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_usr1_without_scontrol_saves_and_exits_for_requeue(tmp_path: Path) -> None:
+    """A SLURM task whose environment has no `scontrol` (a container): USR1 still saves hpc_ckpt_1.ckpt, logs why
+    it cannot requeue and exits 75 (requeued by the batch script, or by a site's RequeueExit=75)."""
+    slurm = {"SLURM_JOB_ID": "999", "SLURM_JOB_NAME": "capsdist-test", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NODELIST": "localhost", "PATH": str(Path(sys.executable).parent)}  # fmt: skip
+    root, out = tmp_path / "run", tmp_path / "probe"
+    args = [*TINY, *DATA, f"--trainer.default_root_dir={root}", "--trainer.max_steps=12", "--config",
+            str(probe_config(tmp_path / "p.yaml", out, pause_at_step=2))]  # fmt: skip
+    log = (tmp_path / "log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "capsdist.train", "fit", *args], env=train_env(**slurm),
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_paused(out, 1, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGUSR1)
+    (out / "resume").touch()
+    output = (tmp_path / "log").read_text() if proc.wait(timeout=120) else ""
+    assert proc.returncode == 75, (tmp_path / "log").read_text()[-3000:]
+    assert "no `scontrol` in the task environment" in output and "RequeueExit=75" in output
+    assert torch.load(root / "hpc_ckpt_1.ckpt", weights_only=True, mmap=True)["global_step"] == 2
