@@ -270,3 +270,18 @@ def test_template_folder_per_array_task_cpus_and_no_stale_rendezvous(
         )
     assert folders[0] != folders[1] and folders[0].removesuffix("-task0") == folders[1].removesuffix("-task1")
     assert folders[0].startswith("runs/arr-")
+
+
+def test_more_gpus_than_tasks_is_an_error(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """2 GPUs per node with 1 task per node would leave a GPU idle: the template refuses with the fix (the test
+    node has no GPUs, so the allocation's SLURM_GPUS_ON_NODE is given through the job environment)."""
+    config = write_yaml(tmp_path / "tiny.yaml", SLURM_CONFIG)
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "single_node.sbatch", str(config),
+        env=train_env(CAPSDIST_HOME=str(REPO), SLURM_GPUS_ON_NODE="2"),
+        options=["--job-name=gpus", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                 f"--chdir={tmp_path}"],
+    )  # fmt: skip
+    assert slurm_cluster.wait_for_state(job, [], timeout=120) == "FAILED"
+    assert "--ntasks-per-node=2 with --gpus-per-node=2" in _log(tmp_path, "gpus", job)
+    assert not (tmp_path / "runs").exists()
