@@ -1,7 +1,8 @@
 """`python -m capsdist.train`: the training CLI, a LightningCLI (fit/validate/test) over CapsNetModule and the data.
 
 Thin on purpose: the LightningModule is capsdist.module, the data modules capsdist.data.modules, the run policy
-(loggers, checkpoints, saved config) capsdist.run, and the private Lightning overrides capsdist.lightning_compat.
+(loggers, checkpoints, saved config) capsdist.run, the resume rule capsdist.resume, signals and exit codes
+capsdist.stop, and the private Lightning overrides capsdist.lightning_compat.
 """
 
 from __future__ import annotations
