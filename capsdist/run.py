@@ -1,8 +1,9 @@
 """Run policy: where a run's outputs go, which loggers and checkpoints it gets, and how its config is logged.
 
 Every run lives in ``trainer.default_root_dir``: checkpoints/ (best and last), csv/, wandb/ (offline by default)
-and, on SLURM preemption, hpc_ckpt_N.ckpt, which Lightning resumes from automatically. W&B is imported only when
-a W&B logger is asked for (``--wandb_mode offline|online``), so ``disabled`` runs where wandb is not installed.
+and, when a SLURM job is stopped, hpc_ckpt_N.ckpt (which one a run resumes from: capsdist.resume). W&B is
+imported only when a W&B logger is asked for (``--wandb_mode offline|online``), so ``disabled`` runs where
+wandb is not installed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import yaml
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, ProgressBar
 from pytorch_lightning.callbacks.prediction_writer import BasePredictionWriter
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
 from capsdist import CapsdistError
@@ -176,9 +178,26 @@ class WallClock(Callback):
             pl_module.log("time/elapsed_s", time.perf_counter() - self.started)
 
 
+class InterruptCheckpoint(Checkpoint):
+    """``interrupted.ckpt`` when fit crashes. Unlike Lightning's OnExceptionCheckpoint: never at step 0, never for
+    a deliberate exit (a SystemExit such as capsdist.stop's, which saved already), never deleted afterwards (its
+    teardown deletes the file, also after validate/test), and no silent "last" resume of fresh fits."""
+
+    def __init__(self, path: str | Path) -> None:
+        """``path``: the checkpoint file to write."""
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Save the state reached, if fitting took an optimizer step."""
+        if isinstance(exception, SystemExit) or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+            return
+        trainer.save_checkpoint(self.path)
+
+
 def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
     """Best checkpoint by val/error, a rolling snapshot (and last.ckpt) every n steps (0: every epoch), and one on
-    a crash or Ctrl-C, so `--ckpt_path last` resumes from the freshest state, mid-epoch included."""
+    a crash, so `--ckpt_path last` resumes from the freshest state, mid-epoch included. Signals are
+    capsdist.stop's; all writes go through capsdist.resume.AtomicCheckpointIO."""
     return [
         ModelCheckpoint(folder, "best-{epoch}-{step}", monitor="val/error", mode="min", enable_version_counter=False),
         ModelCheckpoint(
@@ -188,7 +207,7 @@ def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
             save_last=True,
             enable_version_counter=False,
         ),
-        OnExceptionCheckpoint(folder, "interrupted"),
+        InterruptCheckpoint(folder / "interrupted.ckpt"),
     ]
 
 

@@ -1,13 +1,15 @@
 """`python -m capsdist.train` (`capsdist-train`): the LightningCLI (fit/validate/test/predict) over CapsNetModule.
 
 Thin on purpose: the LightningModule is capsdist.module, the data modules capsdist.data.modules, the run policy
-(loggers, checkpoints, saved config) capsdist.run, and the private Lightning overrides capsdist.lightning_compat.
+(loggers, checkpoints, saved config) capsdist.run, the resume rule capsdist.resume, signals and exit codes
+capsdist.stop, and the private Lightning overrides capsdist.lightning_compat.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,13 +17,13 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from capsdist import CapsdistError, user_errors
+from capsdist import CapsdistError, resume, user_errors
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
-from capsdist.parallel import SlurmRequeue
 from capsdist.run import (
     LineProgress,
     LoggedConfig,
@@ -32,6 +34,7 @@ from capsdist.run import (
     run_checkpoints,
     run_loggers,
 )
+from capsdist.stop import GracefulStop, fit_summary
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -91,6 +94,8 @@ class CapsCLI(PrivateOverrides):
             default=1000,
             help="rolling snapshot and last.ckpt every n steps; 0: at each epoch end",
         )
+        if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # loader workers fit the task's CPUs (1 trains)
+            parser.set_defaults({"data.num_workers": min(8, int(os.environ["SLURM_CPUS_PER_TASK"]) - 1)})
 
     def before_instantiate_classes(self) -> None:
         """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); turn
@@ -122,8 +127,8 @@ class CapsCLI(PrivateOverrides):
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             self.checkpoint_dir = root / "checkpoints"
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
-        if not any(isinstance(c, SlurmRequeue) for c in callbacks):
-            callbacks.append(SlurmRequeue())  # inert outside SLURM; replaces Lightning's deadlock-prone handler
+        if not any(isinstance(c, GracefulStop) for c in callbacks):  # replaces Lightning's deadlock-prone handlers
+            callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
         callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), CapsuleDiagnostics()]
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
@@ -133,23 +138,46 @@ class CapsCLI(PrivateOverrides):
         if plain_log and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(LineProgress(config.get("log_every_n_steps") or 50))
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = resume.AtomicCheckpointIO()  # every save: temp file beside it, fsync, rename
+        return trainer
+
+    def before_fit(self) -> None:
+        """Apply the resume rule (capsdist.resume) before anything is written: refuse a used run folder unless
+        resuming was asked for or this is the SLURM requeue of the job that owns it; say what happens."""
+        config, root = self.config_init[self.subcommand], Path(self.trainer.default_root_dir)
+        ckpt_path, requeued = config.get("ckpt_path"), False
+        files = resume.checkpoint_files(root)
+        if ckpt_path is None and files:
+            if not resume.job_id() or resume.owning_job(root) != resume.job_id():
+                raise resume.refuse_reused_folder(root, files)
+            ckpt_path, requeued = "last", True
+        if ckpt_path is None:
+            outcome = "a fresh run"
+        else:
+            path, step = resume.resolve(str(ckpt_path), root)
+            path = path.resolve()
+            model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
+            resume.check_identity(resume.read_checkpoint(path), path, model, data)
+            config["ckpt_path"] = str(path)
+            how = f"SLURM requeue of job {resume.job_id()}, resuming by itself" if requeued else "resuming"
+            outcome = f"{how} from {path} at step {step}"
+        if self.trainer.is_global_zero:
+            resume.claim(root)
+        rank_zero_info(f"capsdist: run folder {root.resolve()}: {outcome}")
 
     def after_fit(self) -> None:
-        """Save the final state as last.ckpt and print the outcome as one JSON line (metrics, checkpoints)."""
+        """Save the final state as last.ckpt (it supersedes any hpc checkpoint) and print the outcome as one JSON
+        line (metrics, checkpoints)."""
         trainer = self.trainer
         last = None
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and trainer.global_step > 0:
             last = self.checkpoint_dir / "last.ckpt"
             trainer.save_checkpoint(last, weights_only=False)
         if trainer.is_global_zero:
-            summary = {
-                "global_step": trainer.global_step,
-                **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-                "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
-                "last_checkpoint": str(last) if last else None,
-            }
-            print(json.dumps(summary))
+            for stale in resume.stale_hpc(trainer.default_root_dir, trainer.global_step + 1) if last else []:
+                stale.unlink(missing_ok=True)
+            print(fit_summary(trainer, last_checkpoint=str(last) if last else None), flush=True)
         finish_wandb(trainer)
 
     def after_validate(self) -> None:

@@ -79,3 +79,43 @@ class RankProbe(pl.Callback):
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}-run{self.run}.json").write_text(json.dumps(record))
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    """Write ``config`` as YAML to ``path``; returns the path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def probe_config(path: Path, out: Path, **probe: object) -> Path:
+    """A config snippet adding :class:`RankProbe` (recording into ``out``) to the trainer's callbacks."""
+    callback = {"class_path": "tests.scale_probe.RankProbe", "init_args": {"out_dir": str(out), **probe}}
+    return write_yaml(path, {"trainer": {"callbacks": [callback]}})
+
+
+def records(out: Path, run: int = 0) -> list[dict]:
+    """The probe records of one run, by rank."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"rank*-run{run}.json"))]
+
+
+def wait_paused(out: Path, ranks: int, alive: Any, timeout: float = 180) -> None:
+    """Wait until ``ranks`` ranks hold at the pause step; ``alive()`` false (the run ended) fails at once."""
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("paused-rank*"))) < ranks:
+        if time.monotonic() > deadline or not alive():
+            raise AssertionError(f"the run never reached its pause step ({out})")
+        time.sleep(0.3)
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """Environment for training subprocesses: this repo importable, one thread per process, a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    ports = {"MASTER_PORT": str(port), "CAPSDIST_MASTER_PORT": str(port)}  # several test clusters on one host
+    return {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", **ports, **extra}
