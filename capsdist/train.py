@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from capsdist import user_errors
 from capsdist.data.modules import CapsDataModule
+from capsdist.guards import fault_callbacks
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.parallel import SlurmRequeue
@@ -60,7 +61,7 @@ class CapsCLI(PrivateOverrides):
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         if not any(isinstance(c, SlurmRequeue) for c in callbacks):
             callbacks.append(SlurmRequeue())  # inert outside SLURM; replaces Lightning's deadlock-prone handler
-        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock()]
+        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), *fault_callbacks(callbacks)]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -75,6 +76,7 @@ class CapsCLI(PrivateOverrides):
             summary = {
                 "global_step": trainer.global_step,
                 **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                "data_skipped": int(trainer.callback_metrics.get("data/skipped", 0)),
                 "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
                 "last_checkpoint": str(last) if last else None,
             }

@@ -75,8 +75,13 @@ class BaseData(pl.LightningDataModule):
             return rank_batches
         return (samples or default) // (self._rank()[1] * self.batch_size)
 
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far by this rank's streams (all loader workers together)."""
+        return sum(s.skipped.count for s in getattr(self, "_streams", []) if hasattr(s, "skipped"))
+
     def _loader(self, dataset: IterableDataset, train: bool) -> ResumableLoader:
         """A ResumableLoader with this module's worker settings (training reads the epoch from the trainer)."""
+        self._streams = [*getattr(self, "_streams", []), dataset]
         return ResumableLoader(dataset, self.num_workers, self._epoch if train else None, self.pin_memory)
 
 

@@ -1,0 +1,93 @@
+"""Training guards: stop at the first non-finite loss or gradient, and log the skipped-sample count.
+
+``NonFiniteGuard`` checks the gradients in ``on_before_optimizer_step`` (after backward and the DDP all-reduce,
+before the weights change) and the loss in ``on_train_batch_end`` (before the checkpoint callbacks, which run
+after it in callback order), so no checkpoint ever holds non-finite weights. ``max_skips=N`` drops up to N bad
+steps (the optimizer does nothing for them) before stopping. Configure it as a trainer callback:
+``--trainer.callbacks+=capsdist.guards.NonFiniteGuard --trainer.callbacks.max_skips=3``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from capsdist import CapsdistError
+
+
+class NonFiniteError(CapsdistError):
+    """A NaN or infinite loss or gradient: the run stops at the step it happened."""
+
+
+class NonFiniteGuard(Callback):
+    """Raise NonFiniteError at the first non-finite loss or gradient (or skip up to ``max_skips`` bad steps)."""
+
+    def __init__(self, max_skips: int = 0) -> None:
+        """``max_skips``: bad steps to drop (optimizer step skipped) before stopping; 0 stops at the first."""
+        if max_skips < 0:
+            raise CapsdistError(f"NonFiniteGuard max_skips={max_skips}: must be >= 0.")
+        self.max_skips, self.skipped, self.step_dropped = max_skips, 0, False
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """A new step: nothing dropped yet."""
+        self.step_dropped = False
+
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        """Raise the one-paragraph error naming the step and the likely cause."""
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        raise NonFiniteError(
+            f"non-finite {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); training stopped "
+            f"before the weights changed, so every checkpoint holds finite weights. Likely cause: a learning rate "
+            f"too high for this model (lr now {lr:.3g}), or low precision ({trainer.precision}) overflowing. Fix: "
+            "lower --model.lr, train with --trainer.precision 32, or resume from the last checkpoint with "
+            "--trainer.callbacks+=capsdist.guards.NonFiniteGuard --trainer.callbacks.max_skips N to drop rare "
+            "bad steps."
+        )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Check every gradient (all ranks agree); skip the step or stop on a non-finite one."""
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's GradScaler skips inf steps itself and lowers its scale; the loss check still applies
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            self.skipped, self.step_dropped = self.skipped + 1, True
+            if self.skipped > self.max_skips:
+                self._stop(trainer, pl_module, "gradient")
+            optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without gradients untouched
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count a non-finite loss as a bad step (once, if its gradients were already dropped); stop past the limit."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        self.skipped += 0 if self.step_dropped else 1
+        if self.skipped > self.max_skips:
+            self._stop(trainer, pl_module, "loss")
+
+
+class DataSkips(Callback):
+    """Logs ``data/skipped``: corrupt samples skipped so far, summed over loader workers and ranks."""
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Log this rank's count, summed over ranks by Lightning."""
+        count = getattr(trainer.datamodule, "skipped", lambda: 0)()
+        pl_module.log("data/skipped", float(count), reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False)
+
+
+def fault_callbacks(configured: list[Callback]) -> list[Callback]:
+    """The guards a run gets: the default NonFiniteGuard unless one is configured, and the skip count."""
+    own = [] if any(isinstance(c, NonFiniteGuard) for c in configured) else [NonFiniteGuard()]
+    return [*own, DataSkips()]
