@@ -20,6 +20,7 @@ from capsdist.losses import capsnet_loss
 from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
 from capsdist.scoring import eval_batch
+from capsdist.validate import MODEL_RULES, check
 
 
 class CheckpointMismatchError(CapsdistError):
@@ -45,6 +46,7 @@ class CapsNetModule(pl.LightningModule):
         lr * lr_decay ** (step / lr_decay_steps), floored at min_lr."""
         super().__init__()
         self.save_hyperparameters()
+        check("model", self.hparams, MODEL_RULES)
         self.model = CapsNet(**model_args)
         self.val_metrics = CapsMetrics()
         self.test_metrics = CapsMetrics()

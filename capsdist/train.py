@@ -7,6 +7,7 @@ Thin on purpose: the LightningModule is capsdist.module, the data modules capsdi
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.parallel import SlurmRequeue
 from capsdist.run import LoggedConfig, WallClock, finish_wandb, run_checkpoints, run_loggers
+from capsdist.validate import check_argv, check_run
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -45,6 +47,7 @@ class CapsCLI(PrivateOverrides):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
+        check_run(config or {})
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue."""
@@ -87,6 +90,7 @@ class CapsCLI(PrivateOverrides):
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
     with user_errors():
+        check_argv(sys.argv[1:] if args is None else args)
         CapsCLI(
             CapsNetModule,
             CapsDataModule,

@@ -26,6 +26,7 @@ from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMultiMnist
 from capsdist.data.loader import ResumableLoader
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
+from capsdist.validate import DATA_RULES, check
 
 Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
 
@@ -54,6 +55,7 @@ class BaseData(pl.LightningDataModule):
     def _save(self) -> None:
         """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
         self.save_hyperparameters(ignore=[], frame=inspect.currentframe().f_back)
+        check("data", self.hparams, DATA_RULES)
         self.hparams["source"] = self.source
 
     def _rank(self) -> tuple[int, int]:
