@@ -243,6 +243,7 @@ class ShardData(BaseData):
         train_samples: int | None = None,
         seed: int = 0,
         pin_memory: bool = False,
+        verify_shards: bool = True,
     ) -> None:
         """MultiMNIST shards.
 
@@ -257,10 +258,11 @@ class ShardData(BaseData):
             train_samples: samples per epoch, all ranks together (default: the manifest's total).
             seed: base seed of every random stream (combined with epoch, rank and worker).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            verify_shards: check each local shard's sha256 against its manifest.json as it is read.
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards, self.val_shards, self.verify_shards = train_shards, val_shards, verify_shards
         self.shuffle_buffer, self.train_samples = shuffle_buffer, train_samples
 
     def train_dataloader(self) -> ResumableLoader:
@@ -268,7 +270,7 @@ class ShardData(BaseData):
         from capsdist.data.shard_format import manifest_total
         from capsdist.data.shards import ShardStream, expand_shards  # webdataset only on this path
 
-        urls = expand_shards(self.train_shards)
+        urls = expand_shards(self.train_shards, "train_shards")
         total = self.train_samples or manifest_total(urls)
         if not (self.train_batches_per_epoch or total):
             raise DataError(
@@ -277,16 +279,20 @@ class ShardData(BaseData):
             )
         n = self._stream_batches(total, 0, self.train_batches_per_epoch)
         stream = ShardStream(
-            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n, **self._stream_args()
-        )
+            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
+            verify=self.verify_shards, **self._stream_args(),
+        )  # fmt: skip
         return self._loader(stream, train=True)
 
     def val_dataloader(self) -> ResumableLoader:
         """One exact pass over the validation shards, split by rank then worker."""
         from capsdist.data.shards import ShardStream, expand_shards
 
-        urls = expand_shards(self.val_shards)
-        stream = ShardStream(urls, self.batch_size, False, num_batches=self.val_batches, **self._stream_args())
+        urls = expand_shards(self.val_shards, "val_shards")
+        stream = ShardStream(
+            urls, self.batch_size, False, num_batches=self.val_batches, verify=self.verify_shards,
+            **self._stream_args(),
+        )  # fmt: skip
         return self._loader(stream, train=False)
 
 
@@ -313,6 +319,7 @@ class CapsDataModule(BaseData):
         seed: int = 0,
         generate_on_device: bool = False,
         pin_memory: bool = False,
+        verify_shards: bool = True,
     ) -> BaseData:  # type: ignore[misc]
         """Data for one run: the source's module, built from the settings it has (the rest do not apply to it).
 
@@ -332,6 +339,7 @@ class CapsDataModule(BaseData):
             seed: base seed of every random stream (combined with epoch, rank and batch/worker).
             generate_on_device: on-the-fly: workers draw indices/offsets, the images are composed on the GPU.
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
         """
         settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
         if source not in SOURCES:
