@@ -74,7 +74,8 @@ class ResumableLoader(DataLoader):
             ) from None
         if self.batches == 0 and total != 0 and hasattr(self.dataset, "describe"):
             raise DataError(
-                f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}). Fix: "
+                f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
+                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "
                 "check them with `python -m data_prep.multimnist verify DIR`, or point the shard setting elsewhere."
             )
 

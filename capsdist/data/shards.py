@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
-from webdataset import gopen
+from webdataset.gopen import gopen
 
 from capsdist.data import recipe
 from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
@@ -82,7 +82,7 @@ def open_shard(url: str) -> Any:
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=URL_TIMEOUT)
     if url.startswith("pipe:") or "://" in url:
-        return gopen.gopen(url, "rb")
+        return gopen(url, "rb")
     return open(url, "rb")
 
 
