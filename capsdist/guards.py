@@ -1,9 +1,12 @@
 """Training guards: stop at the first non-finite loss or gradient, and log the skipped-sample count.
 
 ``NonFiniteGuard`` checks the gradients in ``on_before_optimizer_step`` (after backward and the DDP all-reduce,
-before the weights change) and the loss in ``on_train_batch_end`` (before the checkpoint callbacks, which run
-after it in callback order), so no checkpoint ever holds non-finite weights. ``max_skips=N`` drops up to N bad
-steps (the optimizer does nothing for them) before stopping. Configure it as a trainer callback:
+before the weights change), then the loss and the updated weights in ``on_train_batch_end`` (Lightning runs the
+checkpoint callbacks after all others). Finite gradients can still overflow the weights (Adam's first step with
+lr 1e38 is inf), so the guard keeps a copy of the weights from before each step and puts it back before it stops:
+no checkpoint, not even the one written on the exception, holds non-finite weights. The copy costs one extra set
+of weights in memory (Adam already holds two). ``max_skips=N`` drops up to N bad steps (non-finite gradients or
+loss) before stopping; configure it as a trainer callback:
 ``--trainer.callbacks+=capsdist.guards.NonFiniteGuard --trainer.callbacks.max_skips=3``.
 """
 
@@ -30,6 +33,7 @@ class NonFiniteGuard(Callback):
         if max_skips < 0:
             raise CapsdistError(f"NonFiniteGuard max_skips={max_skips}: must be >= 0.")
         self.max_skips, self.skipped, self.step_dropped = max_skips, 0, False
+        self.before: list[torch.Tensor] = []  # the weights before the current optimizer step
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -38,11 +42,17 @@ class NonFiniteGuard(Callback):
         self.step_dropped = False
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
-        """Raise the one-paragraph error naming the step and the likely cause."""
+        """Put back the weights from before this step, then raise the one-paragraph error (step, likely cause)."""
+        params = list(pl_module.parameters())
+        if len(self.before) == len(params):
+            with torch.no_grad():
+                for p, saved in zip(params, self.before, strict=True):
+                    p.copy_(saved)
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         raise NonFiniteError(
             f"non-finite {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); training stopped "
-            f"before the weights changed, so every checkpoint holds finite weights. Likely cause: a learning rate "
+            f"with the weights of before that step, so every checkpoint holds finite weights. Likely cause: a "
+            f"learning rate "
             f"too high for this model (lr now {lr:.3g}), or low precision ({trainer.precision}) overflowing. Fix: "
             "lower --model.lr, train with --trainer.precision 32, or resume from the last checkpoint with "
             "--trainer.callbacks+=capsdist.guards.NonFiniteGuard --trainer.callbacks.max_skips N to drop rare "
@@ -62,11 +72,21 @@ class NonFiniteGuard(Callback):
             if self.skipped > self.max_skips:
                 self._stop(trainer, pl_module, "gradient")
             optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without gradients untouched
+            return
+        params = list(pl_module.parameters())
+        if len(self.before) != len(params):
+            self.before = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for saved, p in zip(self.before, params, strict=True):
+                saved.copy_(p)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Count a non-finite loss as a bad step (once, if its gradients were already dropped); stop past the limit."""
+        """Stop on non-finite weights; a non-finite loss is a bad step (counted once); stop past the limit."""
+        weights = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        if trainer.strategy.reduce_boolean_decision(not weights, all=False):
+            self._stop(trainer, pl_module, "weights after the optimizer step")
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
