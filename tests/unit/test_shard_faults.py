@@ -106,15 +106,17 @@ def test_skips_summed_over_workers_and_logged_at_a_bounded_rate(
 
 
 def test_manifest_sha256_and_counts_checked(shards: Path, tmp_path: Path) -> None:
-    """A shard that no longer matches manifest.json stops the read (verify on); with verify off, the samples a
-    truncated shard lost are counted from the manifest (it used to count 1 and blame meta.json)."""
+    """A valid shard that is not the one manifest.json lists (another run's) stops the read unless verify is off;
+    a truncated shard's lost samples are counted from the manifest (it used to count 1 and blame meta.json)."""
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
-    cut = (copy / "test-000001.tar").read_bytes()
-    (copy / "test-000001.tar").write_bytes(cut[: len(cut) // 3])
+    shutil.copy(copy / "test-000000.tar", copy / "test-000001.tar")
     with pytest.raises(data.DataError, match=r"test-000001.tar does not match the sha256 in its manifest.json"):
         _val(copy)
-    batches, stream = _val(copy, verify=False)
+    assert sum(len(b["labels"]) for b in _val(copy, verify=False)[0]) == 100
+    cut = (shards / "test-000001.tar").read_bytes()
+    (copy / "test-000001.tar").write_bytes(cut[: len(cut) // 3])
+    batches, stream = _val(copy)
     read = sum(len(b["labels"]) for b in batches)
-    assert read + stream.skipped.count == 100 and read < 100
-    assert "truncated" in stream.skipped.last or "manifest.json says 30" in stream.skipped.last
+    assert (read, stream.skipped.count) == (80, 20)  # 10 of the cut shard's 30 samples survive
+    assert "test-000001.tar: ValueError: truncated" in stream.skipped.last
