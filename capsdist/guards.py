@@ -48,12 +48,12 @@ class NonFiniteGuard(Callback):
             with torch.no_grad():
                 for p, saved in zip(params, self.before, strict=True):
                     p.copy_(saved)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        lr = f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}" if trainer.optimizers else "unknown"
         raise NonFiniteError(
             f"non-finite {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); training stopped "
             f"with the weights of before that step, so every checkpoint holds finite weights. Likely cause: a "
             f"learning rate "
-            f"too high for this model (lr now {lr:.3g}), or low precision ({trainer.precision}) overflowing. Fix: "
+            f"too high for this model (lr now {lr}), or low precision ({trainer.precision}) overflowing. Fix: "
             "lower --model.lr, train with --trainer.precision 32, or resume from the last checkpoint with "
             "--trainer.callbacks+=capsdist.guards.NonFiniteGuard --trainer.callbacks.max_skips N to drop rare "
             "bad steps."

@@ -4,6 +4,7 @@ one-paragraph message, never a traceback, never a hang, never a command taken fr
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -144,3 +145,46 @@ def test_unwritable_out_is_one_paragraph(capsys: pytest.CaptureFixture) -> None:
     assert multimnist.main(["--split", "test", "--num-samples", "10", "--out", "/etc/hostname/shards"]) == 1
     err = capsys.readouterr().err
     assert "cannot write /etc/hostname/shards" in err and "Traceback" not in err
+
+
+def test_file_missing_from_repo_mnist_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A file missing from the repository's data/mnist is named (it used to surface as mirror DNS errors)."""
+    from capsdist.data import mnist
+    from tests.conftest import SHIPPED
+
+    repo = tmp_path / "data" / "mnist"
+    repo.mkdir(parents=True)
+    for name in mnist.MD5:
+        if name != "train-labels-idx1-ubyte.gz":
+            shutil.copy(SHIPPED / name, repo / name)
+    monkeypatch.setattr(mnist, "REPO_DIR", repo)
+    monkeypatch.setattr(mnist, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.delenv("CAPSDIST_MNIST_DIR", raising=False)
+    monkeypatch.setenv("CAPSDIST_MNIST_MIRRORS", "http://127.0.0.1:9/")
+    with pytest.raises(SystemExit) as stop:
+        train.main([*FIT, f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{repo} lacks train-labels-idx1-ubyte.gz" in err and "git checkout" in err
+
+
+def test_guard_skip_mode_drops_bad_steps_then_stops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With max_skips=N, non-finite steps are dropped (weights unchanged) N times, then the run stops."""
+    from capsdist.guards import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_skips=2)
+
+    class Trainer:  # the three things the guard reads from a trainer, on one device
+        strategy = type("S", (), {"reduce_boolean_decision": staticmethod(lambda d, all=True: d)})()
+        precision_plugin, optimizers, global_step, current_epoch, precision = None, [], 7, 0, "32-true"
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(module.parameters())
+    for _ in range(2):
+        module.weight.grad = torch.full_like(module.weight, float("nan"))
+        guard.on_before_optimizer_step(Trainer(), module, optimizer)
+        assert module.weight.grad is None  # dropped: Adam will not touch the weights
+    module.weight.grad = torch.full_like(module.weight, float("inf"))
+    with pytest.raises(Exception, match="non-finite gradient at step 7"):
+        guard.on_before_optimizer_step(Trainer(), module, optimizer)
