@@ -72,7 +72,7 @@ class ResumableLoader(DataLoader):
                 f"the data loader waited {self.timeout} s for one batch ({self._what()}). Fix: check that the "
                 "shards are reachable and readable (a dead host, a stalled pipe: command)."
             ) from None
-        if self.batches == 0 and total != 0 and hasattr(self.dataset, "describe"):
+        if self.batches == 0 and total != 0 and getattr(self.dataset, "expects_samples", lambda: False)():
             raise DataError(
                 f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
                 f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "

@@ -278,6 +278,10 @@ class ShardStream(IterableDataset):
         """The shards, for error messages."""
         return f"{len(self.urls)} shard(s): {', '.join(self.urls[:3])}{' ...' if len(self.urls) > 3 else ''}"
 
+    def expects_samples(self) -> bool:
+        """Whether a pass should yield samples: always in training; in validation, if this rank has shards."""
+        return self.train or bool(self.rank_shards())
+
     def rank_shards(self) -> list[str]:
         """Validation shards of this rank (node split; workers split further)."""
         return self.urls[self.rank :: self.world_size]
