@@ -127,7 +127,9 @@ def lock_folder(out: Path) -> Any:
     handle = open(out / LOCK, "a+")  # noqa: SIM115 - held open until the run ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.fstat(handle.fileno()).st_ino != os.stat(out / LOCK).st_ino:  # its holder removed it as we opened it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         handle.close()
         raise SystemExit(
             f"error: another `python -m data_prep.multimnist` run is writing into {out} (it holds {out / LOCK}). "
@@ -168,7 +170,16 @@ def generate(
         raise SystemExit("error: nothing to generate. Fix: pass --per-digit K or --num-samples N > 0, --shard-size > 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = lock_folder(out)  # noqa: F841 - released when this function returns
+    lock = lock_folder(out)
+    try:
+        return _generate_locked(src, out, plan, split, workers)
+    finally:
+        (out / LOCK).unlink(missing_ok=True)  # removed while still held, so a finished folder holds no stray file
+        lock.close()
+
+
+def _generate_locked(src: Path, out: Path, plan: Plan, split: str, workers: int) -> Path:
+    """``generate``'s work, under the folder lock."""
     for stale in out.glob(".*.tmp"):  # temporaries of a killed run: never visible under a final name
         stale.unlink()
     params = _params(plan)
