@@ -19,7 +19,8 @@ from capsdist.module import CapsNetModule
 from data_prep import multimnist
 from tests.conftest import REPO, TINY, TINY_MODEL, subprocess_env
 
-FIT = ["fit", *TINY, "--wandb_mode=disabled", "--data.train_samples=64", "--data.val_samples=32"]
+FIT = ["fit", *TINY, "--wandb_mode=disabled", "--trainer.max_steps=2"]
+FIT += ["--data.train_samples=64", "--data.val_samples=32"]
 
 # (flags added to a tiny `fit`, exit code, phrase of the message)
 FIT_CASES = [
