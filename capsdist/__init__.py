@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,3 +22,20 @@ def user_errors() -> Iterator[None]:
     except CapsdistError as err:
         print(f"capsdist: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in _WRITE_ERRORS:
+            raise
+        print(f"capsdist: error: {write_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def write_error(err: OSError) -> str:
+    """One paragraph for an output that cannot be written (disk full, quota, read-only, no permission)."""
+    return (
+        f"cannot write {err.filename or 'an output file'}: {err.strerror}. Fix: free space or choose a writable "
+        "folder (--trainer.default_root_dir for training, --out for data_prep and figures); finished files "
+        "there are complete (writes are atomic), so re-run once it is fixed."
+    )

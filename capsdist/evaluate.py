@@ -30,6 +30,32 @@ def inference_parser(description: str) -> ArgumentParser:
     return parser
 
 
+def is_command_or_url(value: Any) -> bool:
+    """A shard setting that runs a command (``pipe:``) or reaches a host (``scheme://``), in a string or list."""
+    values = value if isinstance(value, list | tuple) else [value]
+    return any(isinstance(v, str) and (v.strip().startswith("pipe:") or "://" in v) for v in values)
+
+
+def checkpoint_defaults(trained: Trained, known: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(usable, refused) data settings saved in a checkpoint: they are data, never commands or URLs, so a
+    ``pipe:`` or URL stored there is refused (a planted ``pipe:`` would otherwise run here)."""
+    saved = {k: v for k, v in trained.data.items() if k in known}
+    refused = {k: v for k, v in saved.items() if is_command_or_url(v)}
+    return {k: v for k, v in saved.items() if k not in refused}, refused
+
+
+def check_data_fits(trained: Trained, datamodule: Any, source: str) -> None:
+    """Refuse data of another shape than the checkpoint's (MNIST vs MultiMNIST) before any forward pass."""
+    size, k = int(trained.hparams.get("image_size", 28)), int(trained.hparams.get("num_targets", 1))
+    if (datamodule.image_size, datamodule.num_targets) != (size, k):
+        was = trained.data.get("source", "data")
+        raise CapsdistError(
+            f"the checkpoint was trained on {was} ({size}x{size} images, {k} digit(s) each), and "
+            f"--data.source {source} gives {datamodule.image_size}x{datamodule.image_size} images with "
+            f"{datamodule.num_targets} digit(s). Fix: evaluate it on data like its own (--data.source {was})."
+        )
+
+
 def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple[Namespace, Trained, Any]:
     """Parse argv with the checkpoint's data settings as defaults -> (args, trained model, val dataloader)."""
     first = parser.parse_args(argv)
@@ -39,10 +65,18 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
             "pretrained/capsnet-mnist.safetensors)."
         )
     trained = load_trained(first.ckpt, first.device) if first.ckpt else load_as_trained(first.weights, first.device)
-    known = {k: v for k, v in trained.data.items() if k in first.data}
-    parser.set_defaults({f"data.{k}": v for k, v in known.items()})
+    usable, refused = checkpoint_defaults(trained, first.data)
+    parser.set_defaults({f"data.{k}": v for k, v in usable.items()})
     args = parser.parse_args(argv)
+    for key, value in refused.items():
+        if args.data[key] is None and (key != "train_shards" and args.data.source == "multimnist_shards"):
+            raise CapsdistError(
+                f"the checkpoint's saved data settings name {key} {value!r}: settings read from a checkpoint are "
+                f"data, never commands or URLs, so it is not used. Fix: pass --data.{key} yourself (a pipe: "
+                "command or URL you give is honoured), or --data.source multimnist_onthefly."
+            )
     datamodule = CapsDataModule(**args.data.as_dict())
+    check_data_fits(trained, datamodule, args.data.source)
     datamodule.setup("validate")
     return args, trained, datamodule.val_dataloader()
 

@@ -20,6 +20,7 @@ from capsdist.metrics import CapsMetrics, topk_hits
 from capsdist.model import CapsNet
 from capsdist.pretrained import init_from
 from capsdist.scoring import eval_batch
+from capsdist.validate import MODEL_RULES, check
 
 
 class CheckpointMismatchError(CapsdistError):
@@ -61,6 +62,7 @@ class CapsNetModule(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        check("model", self.hparams, MODEL_RULES)
         self.model = CapsNet(**model_args)
         if init_weights:
             init_from(self.model, init_weights)

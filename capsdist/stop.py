@@ -46,6 +46,7 @@ def fit_summary(trainer: pl.Trainer, **extra: Any) -> str:
     summary = {
         "global_step": trainer.global_step,
         **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "data_skipped": int(trainer.callback_metrics.get("data/skipped", 0)),  # corrupt samples, all ranks
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
         **extra,
     }

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from capsdist import CapsdistError, resume, user_errors
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
+from capsdist.guards import fault_callbacks
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.run import (
@@ -35,6 +36,7 @@ from capsdist.run import (
     run_loggers,
 )
 from capsdist.stop import GracefulStop, fit_summary
+from capsdist.validate import check_argv, check_run
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -103,6 +105,7 @@ class CapsCLI(PrivateOverrides):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
+        check_run(config or {})
         if config is not None and config.get("ckpt_path") == "best":
             root = Path(self._get(config, "trainer", default={}).get("default_root_dir") or "runs/default")
             config["ckpt_path"] = str(best_checkpoint(root / "checkpoints"))
@@ -130,6 +133,7 @@ class CapsCLI(PrivateOverrides):
         if not any(isinstance(c, GracefulStop) for c in callbacks):  # replaces Lightning's deadlock-prone handlers
             callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
         callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), CapsuleDiagnostics()]
+        callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
         if self.subcommand == "predict":
@@ -205,6 +209,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
     quiet_known_warnings()
     with user_errors():
+        check_argv(sys.argv[1:] if args is None else args)
         CapsCLI(
             CapsNetModule,
             CapsDataModule,

@@ -3,6 +3,7 @@
     python -m data_prep.multimnist --split train --per_digit 1000 --out shards/train --workers 16
     python -m data_prep.multimnist --split test --num_samples 10000 --out shards/test
     python -m data_prep.multimnist --benchmark          # = python -m capsdist.bench --what shard_write,shard_read
+    python -m data_prep.multimnist verify shards/train  # every shard against manifest.json (sha256, count)
 
 Output: ``OUT/<split>-NNNNNN.tar`` and ``OUT/manifest.json`` (per-shard count and sha256, parameters, seed).
 The sample format (keys, PNG geometry, version) is ``capsdist.data.shard_format``; which samples each shard holds
@@ -13,12 +14,14 @@ output is byte-identical whatever ``--workers`` is.
 
 Atomicity and resume: a shard is written to a hidden temporary file and renamed when complete; the main process
 records (count, sha256) of each finished shard in ``OUT/.journal.json``. A re-run after a crash keeps journalled
-shards whose sha256 still matches, regenerates the rest, and ends byte-identical to an uninterrupted run.
+shards whose sha256 still matches, regenerates the rest, and ends byte-identical to an uninterrupted run. A lock
+on ``OUT/.lock`` (held for the whole run) makes a second concurrent run into the same folder refuse to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from capsdist import write_error
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
@@ -39,6 +43,7 @@ from capsdist.files import atomic_write
 
 __all__ = ["Plan", "generate", "main"]
 JOURNAL = ".journal.json"
+LOCK = ".lock"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -100,8 +105,49 @@ def _kept_shards(out: Path, params: dict[str, Any], plan: Plan) -> dict[str, dic
     return {
         n: {"count": e["count"], "sha256": e["sha256"]}
         for n, e in entries.items()
-        if (out / n).is_file() and sha256_file(out / n) == e["sha256"]
+        if n == plan_name(n) and (out / n).is_file() and sha256_file(out / n) == e["sha256"]
     }
+
+
+def plan_name(name: str) -> str:
+    """A name from a journal or manifest, reduced to a plain file name: file content never points elsewhere."""
+    return Path(name).name
+
+
+def lock_folder(out: Path) -> Any:
+    """Hold an exclusive lock on ``out`` for this process's lifetime; a second writer gets a clear refusal."""
+    handle = open(out / LOCK, "a+")  # noqa: SIM115 - held open until the run ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(handle.fileno()).st_ino != os.stat(out / LOCK).st_ino:  # its holder removed it as we opened it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        handle.close()
+        raise SystemExit(
+            f"error: another `python -m data_prep.multimnist` run is writing into {out} (it holds {out / LOCK}). "
+            "Fix: wait for it to finish (a re-run then keeps its shards), or choose another --out."
+        ) from None
+    return handle
+
+
+def verify(folder: str | os.PathLike) -> list[str]:
+    """Problems of a shard folder against its manifest.json (missing, changed or unlisted shards); [] if none."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder / MANIFEST} is missing: not a folder written by data_prep.multimnist"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    listed = {plan_name(e["name"]): e for e in manifest.get("shards", [])}
+    problems = [f"{n}: missing" for n in listed if not (folder / n).is_file()]
+    problems += [
+        f"{n}: sha256 differs from manifest.json (changed, truncated or written by another run)"
+        for n, e in listed.items()
+        if (folder / n).is_file() and sha256_file(folder / n) != e["sha256"]
+    ]
+    if sum(e["count"] for e in listed.values()) != manifest.get("total"):
+        problems.append(f"manifest.json: shard counts add up to {sum(e['count'] for e in listed.values())}, "
+                        f"not its total {manifest.get('total')}")  # fmt: skip
+    problems += [f"{p.name}: not in manifest.json" for p in sorted(folder.glob("*.tar")) if p.name not in listed]
+    return problems
 
 
 def generate(
@@ -116,6 +162,16 @@ def generate(
         raise SystemExit("error: nothing to generate. Fix: pass --per-digit K or --num-samples N > 0, --shard-size > 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)
+    try:
+        return _generate_locked(src, out, plan, split, workers)
+    finally:
+        (out / LOCK).unlink(missing_ok=True)  # removed while still held, so a finished folder holds no stray file
+        lock.close()
+
+
+def _generate_locked(src: Path, out: Path, plan: Plan, split: str, workers: int) -> Path:
+    """``generate``'s work, under the folder lock."""
     for stale in out.glob(".*.tmp"):  # temporaries of a killed run: never visible under a final name
         stale.unlink()
     params = _params(plan)
@@ -137,6 +193,15 @@ def generate(
     return out / MANIFEST
 
 
+def main_verify(folder: str) -> int:
+    """`verify DIR`: print each problem; exit 0 when every shard matches the manifest, 1 otherwise."""
+    problems = verify(folder)
+    for line in problems:
+        print(f"{folder}: {line}", file=sys.stderr)
+    print(json.dumps({"folder": folder, "ok": not problems, "problems": len(problems)}))
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The flags, in the training CLI's underscore style (the hyphenated spellings are kept as aliases)."""
     ap = argparse.ArgumentParser(prog="python -m data_prep.multimnist", description=__doc__.split("\n")[0])
@@ -156,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point (`capsdist-shards`)."""
+    """CLI entry point (`capsdist-shards`); `verify DIR` checks a shard folder against its manifest."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        if len(argv) != 2:
+            print("usage: python -m data_prep.multimnist verify DIR", file=sys.stderr)
+            return 2
+        return main_verify(argv[1])
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
@@ -177,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(generate(args.mnist_dir, args.out, plan_args, args.workers))
     except mnist.MnistError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only or unwritable --out: one paragraph, not a traceback
+        print(f"error: {write_error(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -18,7 +18,11 @@ from capsdist.data.device import DeviceMultiMnist
 from capsdist.data.shard_format import tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
 
-SHARD_RATES = {"shard_write": "generate_samples_per_s_per_core", "shard_read": "decode_samples_per_s_per_worker"}
+SHARD_RATES = {
+    "shard_write": "generate_samples_per_s_per_core",
+    "shard_read": "decode_samples_per_s_per_worker",
+    "shard_read_webdataset": "webdataset_decode_samples_per_s_per_worker",  # the same shards, plain webdataset
+}
 
 
 def decode_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128) -> float:
@@ -28,6 +32,28 @@ def decode_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128
 
     batches = iter(ResumableLoader(ShardStream(expand_shards(urls), batch_size, train=False), num_workers=num_workers))
     next(batches)  # worker start-up is not decoding
+    t0 = time.perf_counter()
+    count = sum(len(b["labels"]) for b in batches)
+    return count / (time.perf_counter() - t0)
+
+
+def webdataset_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128) -> float:
+    """Samples/s of the same pass with plain webdataset (tarfile, PIL decode, its collation) into contract batches:
+    the baseline the lean reader has to beat to be worth its code."""
+    import numpy as np
+    import webdataset as wds
+
+    from capsdist.data.batch import to_batch
+
+    def contract(batch: tuple) -> dict:
+        x, d0, d1, meta = batch
+        recon = torch.from_numpy(np.stack([d0, d1], 1))
+        return to_batch(torch.from_numpy(x), torch.tensor([m["labels"] for m in meta]), recon)
+
+    keys = ("input.png", "digit0.png", "digit1.png", "meta.json")
+    dataset = wds.WebDataset(list(urls), shardshuffle=False).decode("l8").to_tuple(*keys).batched(batch_size)
+    batches = iter(wds.WebLoader(dataset.map(contract), batch_size=None, num_workers=num_workers))
+    next(batches)
     t0 = time.perf_counter()
     count = sum(len(b["labels"]) for b in batches)
     return count / (time.perf_counter() - t0)
@@ -50,11 +76,13 @@ def shard_benchmark(
         for s in range(plan.num_shards):
             make_shard(images_t, labels_t, plan, s)
         compose_rate = plan.total / (time.perf_counter() - t0)
-        dec = decode_rate(sorted(str(p) for p in Path(tmp).glob("*.tar")), num_workers=workers)
+        urls = sorted(str(p) for p in Path(tmp).glob("*.tar"))
+        dec, plain = decode_rate(urls, num_workers=workers), webdataset_rate(urls, num_workers=workers)
     return {
         "generate_samples_per_s_per_core": gen_rate,
         "compose_only_samples_per_s_per_core": compose_rate,
         "decode_samples_per_s_per_worker": dec / max(1, workers),
+        "webdataset_decode_samples_per_s_per_worker": plain / max(1, workers),
     }
 
 
@@ -62,7 +90,7 @@ def data_row(what: str, device: torch.device, batch_size: int | None, rates: lis
     """A data-pipeline row: samples/s as images_per_s (median), no precision or routing."""
     return {
         "what": what,
-        "impl": "capsdist",
+        "impl": "webdataset" if what.endswith("_webdataset") else "capsdist",
         "device": device.type,
         "precision": None,
         "batch_size": batch_size,

@@ -41,7 +41,9 @@ class ResumableLoader(DataLoader):
         pin_memory: bool = False,
     ) -> None:
         """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        # a stream may bound the wait for one batch (shards on a dead host); only worker processes can time out
+        timeout = getattr(dataset, "loader_timeout", 0) if num_workers > 0 else 0
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, timeout=timeout)
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None
 
@@ -57,9 +59,30 @@ class ResumableLoader(DataLoader):
         self.dataset.epoch, self.dataset.start = epoch, start
         self.epoch, self.batches = epoch, start
         total = getattr(self.dataset, "num_batches", None)
-        for batch in islice(super().__iter__(), None if total is None else max(0, total - start)):
-            self.batches += 1
-            yield batch
+        try:
+            for batch in islice(super().__iter__(), None if total is None else max(0, total - start)):
+                self.batches += 1
+                yield batch
+        except DataError as err:  # raised in a worker: keep the one-paragraph message, not the worker traceback
+            raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
+        except RuntimeError as err:
+            if "timed out" not in str(err):
+                raise
+            raise DataError(
+                f"the data loader waited {self.timeout} s for one batch ({self._what()}). Fix: check that the "
+                "shards are reachable and readable (a dead host, a stalled pipe: command)."
+            ) from None
+        if self.batches == 0 and total != 0 and getattr(self.dataset, "expects_samples", lambda: False)():
+            raise DataError(
+                f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
+                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "
+                "check them with `python -m data_prep.multimnist verify DIR`, or point the shard setting elsewhere."
+            )
+
+    def _what(self) -> str:
+        """What the stream reads, for error messages."""
+        describe = getattr(self.dataset, "describe", None)
+        return describe() if describe else type(self.dataset).__name__
 
     def _world_size(self) -> int:
         """The world size the stream splits the data for."""
@@ -106,3 +129,16 @@ class ResumableLoader(DataLoader):
                 f"resumed epoch would not continue where it stopped. Fix: resume with "
                 f"--data.num_workers {state['num_workers']}, or start a fresh run instead of --ckpt_path."
             )
+
+
+class PlainIterable:
+    """A loader behind a plain iterable (with its length): Lightning rebuilds any DataLoader given to predict."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -271,6 +271,10 @@ def resolve_dir(explicit: str | os.PathLike | None = None, fetch: bool = True) -
         return Path(os.environ[ENV_DIR]).expanduser()
     if is_complete(REPO_DIR):
         return REPO_DIR
+    missing = [name for name in MD5 if not (REPO_DIR / name).is_file()]
+    if len(missing) < len(MD5):  # a damaged checkout, not a missing copy: say which file, not a download error
+        raise MnistError(f"the repository's MNIST copy {REPO_DIR} lacks {', '.join(missing)}. Fix: restore it "
+                         f"(`git checkout -- data/mnist`), or pass --mnist-dir / data.mnist_dir.")  # fmt: skip
     if fetch and not is_complete(CACHE_DIR):
         download(CACHE_DIR)
     return CACHE_DIR

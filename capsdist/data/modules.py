@@ -19,7 +19,7 @@ settings that module has (the others are meaningless for that source and ignored
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import pytorch_lightning as pl
@@ -29,8 +29,9 @@ from torch.utils.data import IterableDataset
 from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMultiMnist
-from capsdist.data.loader import ResumableLoader
+from capsdist.data.loader import PlainIterable, ResumableLoader
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
+from capsdist.validate import DATA_RULES, check
 
 Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
 
@@ -59,6 +60,7 @@ class BaseData(pl.LightningDataModule):
     def _save(self) -> None:
         """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
         self.save_hyperparameters(ignore=[], frame=inspect.currentframe().f_back)
+        check("data", self.hparams, DATA_RULES)
         self.hparams["source"] = self.source
 
     def _rank(self) -> tuple[int, int]:
@@ -87,24 +89,16 @@ class BaseData(pl.LightningDataModule):
     def predict_dataloader(self) -> Iterable[Batch]:
         """The test data, as a plain iterable: Lightning rebuilds any DataLoader given to predict with its own
         sampler (to track sample indices), which a batch stream has no place for."""
-        return _Plain(self.test_dataloader())
+        return PlainIterable(self.test_dataloader())
+
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far by this rank's streams (all loader workers together)."""
+        return sum(s.skipped.count for s in getattr(self, "_streams", []) if hasattr(s, "skipped"))
 
     def _loader(self, dataset: IterableDataset, train: bool) -> ResumableLoader:
         """A ResumableLoader with this module's worker settings (training reads the epoch from the trainer)."""
+        self._streams = [*getattr(self, "_streams", []), dataset]
         return ResumableLoader(dataset, self.num_workers, self._epoch if train else None, self.pin_memory)
-
-
-class _Plain:
-    """A loader hidden behind a plain iterable (with its length)."""
-
-    def __init__(self, loader: ResumableLoader) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
 
 class _MnistArrays(BaseData):
@@ -279,6 +273,7 @@ class ShardData(BaseData):
         train_samples: int | None = None,
         seed: int = 0,
         pin_memory: bool = False,
+        verify_shards: bool = True,
     ) -> None:
         """MultiMNIST shards.
 
@@ -294,10 +289,12 @@ class ShardData(BaseData):
             train_samples: samples per epoch, all ranks together (default: the manifest's total).
             seed: base seed of every random stream (combined with epoch, rank and worker).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            verify_shards: check each local shard's sha256 against its manifest.json as it is read.
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.verify_shards = verify_shards
         self.shuffle_buffer, self.train_samples = shuffle_buffer, train_samples
 
     def train_dataloader(self) -> ResumableLoader:
@@ -305,7 +302,7 @@ class ShardData(BaseData):
         from capsdist.data.shard_format import manifest_total
         from capsdist.data.shards import ShardStream, expand_shards  # webdataset only on this path
 
-        urls = expand_shards(self.train_shards)
+        urls = expand_shards(self.train_shards, "train_shards")
         total = self.train_samples or manifest_total(urls)
         if not (self.train_batches_per_epoch or total):
             raise DataError(
@@ -314,24 +311,29 @@ class ShardData(BaseData):
             )
         n = self._stream_batches(total, 0, self.train_batches_per_epoch)
         stream = ShardStream(
-            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n, **self._stream_args()
-        )
+            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
+            verify=self.verify_shards, **self._stream_args(),
+        )  # fmt: skip
         return self._loader(stream, train=True)
 
-    def _one_pass(self, shards: str | list[str] | None, batches: int | None) -> ResumableLoader:
-        """One exact pass over `shards`, split by rank then worker."""
+    def _one_pass(self, shards: str | list[str] | None, batches: int | None, name: str) -> ResumableLoader:
+        """One exact pass over `shards` (the setting `name`), split by rank then worker."""
         from capsdist.data.shards import ShardStream, expand_shards
 
-        stream = ShardStream(expand_shards(shards), self.batch_size, False, num_batches=batches, **self._stream_args())
+        stream = ShardStream(
+            expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,
+            **self._stream_args(),
+        )  # fmt: skip
         return self._loader(stream, train=False)
 
     def val_dataloader(self) -> ResumableLoader:
         """One exact pass over the validation shards (val_batches caps it)."""
-        return self._one_pass(self.val_shards, self.val_batches)
+        return self._one_pass(self.val_shards, self.val_batches, "val_shards")
 
     def test_dataloader(self) -> ResumableLoader:
         """One exact pass over test_shards (default: the validation shards)."""
-        return self._one_pass(self.test_shards or self.val_shards, None)
+        name = "test_shards" if self.test_shards else "val_shards"
+        return self._one_pass(self.test_shards or self.val_shards, None, name)
 
 
 SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData)}
@@ -358,6 +360,7 @@ class CapsDataModule(BaseData):
         seed: int = 0,
         generate_on_device: bool = False,
         pin_memory: bool = False,
+        verify_shards: bool = True,
     ) -> BaseData:  # type: ignore[misc]
         """Data for one run: the source's module, built from the settings it has (the rest do not apply to it).
 
@@ -378,6 +381,7 @@ class CapsDataModule(BaseData):
             seed: base seed of every random stream (combined with epoch, rank and batch/worker).
             generate_on_device: on-the-fly: workers draw indices/offsets, the images are composed on the GPU.
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
         """
         settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
         if source not in SOURCES:

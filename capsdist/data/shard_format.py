@@ -161,12 +161,43 @@ def _unfilter(raws: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(bytearray(canvas.tobytes()), np.uint8).reshape(len(raws), _ROW, CANVAS)[:, 1:]
 
 
+def _pil_scanlines(data: bytes) -> bytes:
+    """Scanlines (filter type 0) of any PNG PIL reads (RGB, palette, 16-bit, interlaced: other writers' choices),
+    as 8-bit grayscale; the image must still be CANVAS x CANVAS."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "PNG" or im.size != (CANVAS, CANVAS):
+            raise ValueError(f"expected a {CANVAS}x{CANVAS} PNG, got a {im.format} of {im.size}")
+        pixels = np.asarray(im.convert("L"), dtype=np.uint8)
+    return b"".join(b"\0" + row.tobytes() for row in pixels)
+
+
+def _scanlines(data: bytes) -> bytes:
+    """The fast checked inflate for the writer's PNGs (8-bit grayscale 36x36); PIL for any other valid PNG."""
+    try:
+        return inflate_png(data)
+    except ValueError as err:
+        if data[:8] != _PNG_SIGNATURE or "expected a 36x36" not in str(err):
+            raise
+        return _pil_scanlines(data)
+
+
+def check_labels(labels: Any, num_classes: int = 10) -> list[int]:
+    """The two labels of a sample: distinct integers in [0, num_classes); anything else is a corrupt sample."""
+    if not (isinstance(labels, list) and len(labels) == 2 and all(type(x) is int for x in labels)):
+        raise ValueError(f"meta labels {labels!r} are not two digits")
+    if not all(0 <= x < num_classes for x in labels) or labels[0] == labels[1]:
+        raise ValueError(f"meta labels {labels!r} are not two different digits in 0..{num_classes - 1}")
+    return labels
+
+
 def inflate_sample(sample: dict[str, Any]) -> _Inflated:
     """Check and inflate one shard sample (PNG and JSON only; other extensions are ignored, nothing is unpickled)."""
-    labels = json.loads(sample[META_KEY].decode())["labels"]  # UTF-8, as written; skips encoding sniffing
-    if not (isinstance(labels, list) and len(labels) == 2 and all(type(x) is int for x in labels)):
-        raise ValueError(f"{sample.get('__key__')}: meta labels {labels!r} are not two digits")
-    return (*(inflate_png(sample[k]) for k in IMAGE_KEYS), labels)
+    missing = [k for k in (*IMAGE_KEYS, META_KEY) if k not in sample]
+    if missing:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks {missing} (has {present})")
+    labels = check_labels(json.loads(sample[META_KEY].decode())["labels"])  # UTF-8, as written
+    return (*(_scanlines(sample[k]) for k in IMAGE_KEYS), labels)
 
 
 def collate_inflated(samples: list[_Inflated]) -> Batch:

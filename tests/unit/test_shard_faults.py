@@ -1,0 +1,122 @@
+"""The shard reader on input it did not write or that went bad: other writers' tars, gzip, shards with no valid
+sample, bad labels, manifests that disagree, skip counts over workers, rate-limited logging."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from capsdist import data
+from capsdist.data import shard_format
+from tests.conftest import check_multimnist, same_batches
+
+
+def _val(spec: str | Path, batch: int = 10, workers: int = 0, **kw: object) -> tuple[list[dict], data.ShardStream]:
+    """All validation batches of ``spec`` and the stream (for its skip count)."""
+    stream = data.ShardStream(data.expand_shards(str(spec)), batch, train=False, **kw)
+    return list(data.ResumableLoader(stream, workers)), stream
+
+
+def _rewrite_meta(src: Path, dest: Path, labels: dict[int, list[int]]) -> None:
+    """Copy a shard, giving sample ``i`` (by position) the labels ``labels[i]``."""
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for m in tin.getmembers():
+            payload = tin.extractfile(m).read()
+            i = int(m.name.split(".")[0]) - int(tin.getnames()[0].split(".")[0])
+            if m.name.endswith("meta.json") and i in labels:
+                payload = json.dumps({**json.loads(payload), "labels": labels[i]}).encode()
+            m.size = len(payload)
+            tout.addfile(m, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_tarwriter_and_gzip_shards_read(shards: Path, tmp_path: Path, compress: bool) -> None:
+    """A shard written by webdataset.TarWriter (pax headers, its own PNG encoder; gzip: .tar.gz) gives exactly the
+    batches of the data_prep shard it was copied from (it used to give 0 samples)."""
+    src = shards / "test-000000.tar"
+    dest = tmp_path / ("copy.tar.gz" if compress else "copy.tar")
+    with wds.TarWriter(str(dest), compress=compress) as writer:
+        for s in wds.WebDataset(str(src), shardshuffle=False).decode("l8"):
+            writer.write({k: s[k] for k in ("__key__", "input.png", "digit0.png", "digit1.png", "meta.json")})
+    theirs, stream = _val(tmp_path)
+    ours, _ = _val(src)
+    assert stream.skipped.count == 0 and same_batches(theirs, ours)
+    check_multimnist(theirs[0])
+
+
+def test_rgb_png_is_read_as_grayscale(shards: Path) -> None:
+    """Another writer's PNG flavour (RGB) decodes through PIL to the same pixels."""
+    sample = next(iter(wds.WebDataset(str(shards / "test-000000.tar"), shardshuffle=False)))
+    rgb = {k: _png_rgb(sample[k]) for k in shard_format.IMAGE_KEYS}
+    ref = shard_format.collate_inflated([shard_format.inflate_sample(sample)])
+    got = shard_format.collate_inflated([shard_format.inflate_sample({**sample, **rgb})])
+    assert torch.equal(ref["image"], got["image"]) and torch.equal(ref["recon"], got["recon"])
+
+
+def _png_rgb(png: bytes) -> bytes:
+    """The same picture as an RGB PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_valid_sample_stops_with_the_shards_named(tmp_path: Path, workers: int) -> None:
+    """Random bytes and an empty file: training stops with a DataError naming them (it used to loop forever)."""
+    (tmp_path / "junk.tar").write_bytes(np.random.default_rng(0).bytes(30000))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    stream = data.ShardStream(data.expand_shards(str(tmp_path)), 4, train=True, num_batches=3)
+    with pytest.raises(data.DataError, match=r"no valid sample in \d+ shard reads in a row .*empty.tar, .*junk.tar"):
+        list(data.ResumableLoader(stream, workers))
+    with pytest.raises(data.DataError, match=r"no valid sample in one pass over 2 shard\(s\)"):
+        _val(tmp_path, workers=workers)
+
+
+def test_bad_labels_skipped_and_counted(shards: Path, tmp_path: Path) -> None:
+    """Labels out of range (42, -1) or equal ([3, 3]) are corrupt samples: skipped and counted, never trained on."""
+    _rewrite_meta(shards / "test-000000.tar", tmp_path / "a.tar", {0: [42, 1], 1: [-1, 2], 2: [3, 3]})
+    batches, stream = _val(tmp_path)
+    assert stream.skipped.count == 3 and sum(len(b["labels"]) for b in batches) == 27
+    labels = torch.cat([b["labels"] for b in batches])
+    assert labels.min() >= 0 and labels.max() <= 9 and (labels[:, 0] != labels[:, 1]).all()
+
+
+def test_skips_summed_over_workers_and_logged_at_a_bounded_rate(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two loader workers each skip samples: the main process sees the sum (it used to see 0); few log lines."""
+    for i in range(2):
+        _rewrite_meta(shards / f"test-00000{i}.tar", tmp_path / f"s{i}.tar", {j: [5, 5] for j in range(12)})
+    batches, stream = _val(tmp_path, workers=2)
+    assert stream.skipped.count == 24 and sum(len(b["labels"]) for b in batches) == 36
+    with caplog.at_level(logging.WARNING, logger="capsdist.data"):
+        _val(tmp_path, workers=0)  # workers log to their own stderr; the same limiter runs in this process
+    assert caplog.text.count("skipped") == 3 and "s0.tar: ValueError: meta labels [5, 5]" in caplog.text
+
+
+def test_manifest_sha256_and_counts_checked(shards: Path, tmp_path: Path) -> None:
+    """A valid shard that is not the one manifest.json lists (another run's) stops the read unless verify is off;
+    a truncated shard's lost samples are counted from the manifest (it used to count 1 and blame meta.json)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    shutil.copy(copy / "test-000000.tar", copy / "test-000001.tar")
+    with pytest.raises(data.DataError, match=r"test-000001.tar does not match the sha256 in its manifest.json"):
+        _val(copy)
+    assert sum(len(b["labels"]) for b in _val(copy, verify=False)[0]) == 100
+    cut = (shards / "test-000001.tar").read_bytes()
+    (copy / "test-000001.tar").write_bytes(cut[: len(cut) // 3])
+    batches, stream = _val(copy)
+    read = sum(len(b["labels"]) for b in batches)
+    assert (read, stream.skipped.count) == (80, 20)  # 10 of the cut shard's 30 samples survive
+    assert "test-000001.tar: ValueError: truncated" in stream.skipped.last
