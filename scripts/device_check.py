@@ -2,7 +2,8 @@
 
 Stages, each a subprocess with its own time limit cut from one budget, so a failing or slow stage costs only
 itself: the CUDA tests (`pytest -m gpu`), train-step benchmarks (eager / compile / CUDA graphs x fp32 / bf16 x
-batch 128, 512, 2048), routing and on-device MultiMNIST rates, and a timed run of the paper MNIST model with the
+batch 128, 512, 2048), routing and on-device MultiMNIST rates, default-vs-streaming routing memory
+(capsdist.bench.memory), and a timed run of the paper MNIST model with the
 project's own CLI for the minutes left, exported to safetensors and scored on the 10k test digits by the plain
 model. Every result is a JSON line (stdout and OUT/device_check.jsonl) carrying `what`, `device_name` and `torch`;
 subprocess output goes to OUT/device_check.log. DEVICE_CHECK_SMOKE=1 runs every stage on the CPU with tiny sizes.
