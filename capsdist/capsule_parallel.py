@@ -95,12 +95,15 @@ class ShardedCapsLayer(nn.Module):
 
     def full_weight(self) -> torch.Tensor:
         """W of the whole layer [n_in, n_out, d_out, d_in], gathered from every rank (a collective)."""
-        rows = max(hi - lo for lo, hi in (shard_bounds(self.n_in, self.world, r) for r in range(self.world)))
-        padded = torch.zeros(rows, *self.weight.shape[1:], dtype=self.weight.dtype, device=self.weight.device)
-        padded[: self.hi - self.lo] = self.weight.detach()
+        return self.gather_rows(self.weight.detach())
+
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor of a per-rank slice shaped like `weight` (W or its optimizer moments; a collective)."""
+        sizes = [hi - lo for lo, hi in (shard_bounds(self.n_in, self.world, r) for r in range(self.world))]
+        padded = local.new_zeros(max(sizes), *local.shape[1:])  # all_gather needs equal shapes (uneven n_in)
+        padded[: self.hi - self.lo] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
-        sizes = [hi - lo for lo, hi in (shard_bounds(self.n_in, self.world, r) for r in range(self.world))]
         return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     def load_full_weight(self, weight: torch.Tensor) -> None:

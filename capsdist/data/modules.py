@@ -65,6 +65,9 @@ class BaseData(pl.LightningDataModule):
 
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) from the trainer, (0, 1) without one."""
+        strategy = self.trainer.strategy if self.trainer else None
+        if hasattr(strategy, "data_parallel_rank"):  # capsule parallelism: a capsule group shares its batches
+            return strategy.data_parallel_rank, strategy.data_parallel_size
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _stream_args(self) -> dict[str, int]:
