@@ -20,7 +20,7 @@ def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str) -> Pa
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "precision": 32, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                     "enable_model_summary": False},
-        "model": {**TINY_MODEL, "caps_layers": [[7, 6], [10, 8]]},  # 2 routed layers, 144 and 7 inputs (odd)
+        "model": TINY_MODEL,  # one routed layer, 144 input capsules (a second one would start with ~0 gradients)
         "data": {"source": "mnist", "batch_size": 8, "num_workers": 0, "train_samples": 16, "val_samples": 8},
     })  # fmt: skip
     overlay = ["--config", str(REPO / "configs" / "strategy" / "capsule_parallel.yaml")] if devices > 1 else []
@@ -32,22 +32,35 @@ def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str) -> Pa
     return tmp_path / name / "checkpoints" / "last.ckpt"
 
 
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_close(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-5, msg=key)
+
+
 @pytest.mark.slow
 def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
-    """1 process x 4 steps vs 2 capsule-parallel processes x 2 steps + resume to 4 (Adam moments of the sharded
-    W re-sliced from the full checkpoint): the same final weights; the checkpoint loads into a plain CapsNet."""
-    single = torch.load(_fit(tmp_path, "single", 1, 4), map_location="cpu", weights_only=True)
+    """2 steps (batches of 8) with 1 process and with 2 capsule-parallel processes (each rank the full batch): the
+    same weights and Adam moments, saved full. Resumed from that checkpoint to step 4 by 2 sharded processes
+    (moments of the sharded W re-sliced) and by 1 process: the same weights. It loads into a plain CapsNet."""
+    single = _load(_fit(tmp_path, "single", 1, 2))
     first = _fit(tmp_path, "sharded", 2, 2)
-    sharded = torch.load(first, map_location="cpu", weights_only=True)
-    assert sharded["state_dict"]["model.caps.0.weight"].shape == single["state_dict"]["model.caps.0.weight"].shape
+    sharded = _load(first)
+    _assert_close(sharded["state_dict"], single["state_dict"])
     moments = sharded["optimizer_states"][0]["state"]
-    assert any(s["exp_avg"].shape == (144, 7, 6, 4) for s in moments.values())  # full Adam moments of W
-    resumed = torch.load(_fit(tmp_path, "sharded", 2, 4, f"--ckpt_path={first}"), map_location="cpu",
-                         weights_only=True)  # fmt: skip
-    assert resumed["global_step"] == single["global_step"] == 4
-    assert single["state_dict"].keys() == resumed["state_dict"].keys()
-    for key, value in single["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-5, msg=key)
+    assert moments[4]["exp_avg"].shape == (144, 10, 16, 4)  # the routed layer's W: full Adam moments
+    for index, state in single["optimizer_states"][0]["state"].items():
+        _assert_close(moments[index], state)
+
+    alone = _load(_fit(tmp_path, "alone", 1, 4, f"--ckpt_path={first}"))
+    resumed = _load(_fit(tmp_path, "sharded", 2, 4, f"--ckpt_path={first}"))
+    assert resumed["global_step"] == alone["global_step"] == 4
+    _assert_close(resumed["state_dict"], alone["state_dict"])
+    assert (resumed["state_dict"]["model.caps.0.weight"] != sharded["state_dict"]["model.caps.0.weight"]).any()
 
     from capsdist.module import CapsNetModule
 
