@@ -67,3 +67,16 @@ def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly
     module = CapsNetModule.load_from_checkpoint(tmp_path / "sharded" / "checkpoints" / "last.ckpt", map_location="cpu")
     assert type(module.model.caps[0]).__name__ == "CapsLayer"  # a plain CapsNet, strict load, one process
     assert torch.isfinite(module(torch.rand(2, 1, 28, 28))).all()
+
+
+def test_group_size_that_does_not_divide_the_job_is_refused(tmp_path: Path) -> None:
+    """group_size 2 in a 1-process job: a one-paragraph capsdist error (exit 2) naming the fix, no traceback."""
+    config = write_yaml(tmp_path / "tiny.yaml", {"model": TINY_MODEL, "data": {"source": "mnist", "num_workers": 0}})
+    cmd = [sys.executable, "-m", "capsdist.train", "fit", "--config", str(config), "--config",
+           str(REPO / "configs" / "strategy" / "capsule_parallel.yaml"), "--trainer.strategy.init_args.group_size=2",
+           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=1", "--wandb_mode=disabled",
+           f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=train_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "capsdist: error: capsule group size 2 does not divide the 1 ranks" in proc.stderr
+    assert "Traceback" not in proc.stderr
