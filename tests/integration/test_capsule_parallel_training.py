@@ -14,7 +14,7 @@ from tests.conftest import REPO, TINY_MODEL
 from tests.scale_probe import train_env, write_yaml
 
 
-def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str) -> Path:
+def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str, strategy: str = "capsule_parallel") -> Path:
     """`python -m capsdist.train fit` of the tiny two-layer CapsNet; returns the run's last.ckpt."""
     config = write_yaml(tmp_path / "tiny.yaml", {
         "seed_everything": 0,
@@ -23,7 +23,7 @@ def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str) -> Pa
         "model": TINY_MODEL,  # one routed layer, 144 input capsules (a second one would start with ~0 gradients)
         "data": {"source": "mnist", "batch_size": 8, "num_workers": 0, "train_samples": 16, "val_samples": 8},
     })  # fmt: skip
-    overlay = ["--config", str(REPO / "configs" / "strategy" / "capsule_parallel.yaml")] if devices > 1 else []
+    overlay = ["--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml")] if devices > 1 else []
     cmd = [sys.executable, "-m", "capsdist.train", "fit", "--config", str(config), *overlay, "--wandb_mode=disabled",
            f"--trainer.devices={devices}", f"--trainer.max_steps={steps}",
            f"--trainer.default_root_dir={tmp_path / name}", *extra]  # fmt: skip
@@ -67,6 +67,16 @@ def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly
     module = CapsNetModule.load_from_checkpoint(tmp_path / "sharded" / "checkpoints" / "last.ckpt", map_location="cpu")
     assert type(module.model.caps[0]).__name__ == "CapsLayer"  # a plain CapsNet, strict load, one process
     assert torch.isfinite(module(torch.rand(2, 1, 28, 28))).all()
+
+
+
+@pytest.mark.slow
+def test_two_capsule_groups_of_two_train_like_ddp_on_two_ranks(tmp_path: Path) -> None:
+    """4 processes = 2 capsule groups x 2 ranks: group g reads data stream g and DDP runs across the groups, so the
+    weights equal plain DDP on 2 processes (streams 0 and 1, gradients averaged)."""
+    ddp = _load(_fit(tmp_path, "ddp", 2, 2, strategy="ddp"))
+    groups = _load(_fit(tmp_path, "groups", 4, 2, "--trainer.strategy.init_args.group_size=2"))
+    _assert_close(groups["state_dict"], ddp["state_dict"])
 
 
 def test_group_size_that_does_not_divide_the_job_is_refused(tmp_path: Path) -> None:
