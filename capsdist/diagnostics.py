@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from capsdist.images import to_pil
 from capsdist.metrics import topk_hits
-from capsdist.routing import RoutingStats, recording_routing_stats
+from capsdist.routing import RoutingStats, attach_routing_stats
 from capsdist.run import is_wandb
 
 MAX_MISCLASSIFIED = 32
@@ -78,17 +78,17 @@ class CapsuleDiagnostics(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Tell ThroughputMonitor this batch's FLOPs (for MFU); record routing statistics on diagnostic steps."""
         pl_module.flops_per_batch = self.flops_per_image * batch["image"].shape[0]
-        if self._due(trainer):
+        self.recording_train = self._due(trainer)
+        if self.recording_train:
             self.stats.reset()
-            self._recording = recording_routing_stats(pl_module.model, self.stats)
-            self._recording.__enter__()
+            attach_routing_stats(pl_module.model, self.stats)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Log the training batch's routing statistics (and CUDA peak memory) on the diagnostic steps."""
-        recording = self.__dict__.pop("_recording", None)
-        if recording is None:
+        if not getattr(self, "recording_train", False):
             return
-        recording.__exit__(None, None, None)
+        self.recording_train = False
+        attach_routing_stats(pl_module.model, None)
         pl_module.log_dict(self.stats.as_metrics("train"), sync_dist=True)
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
@@ -112,8 +112,7 @@ class CapsuleDiagnostics(Callback):
         self.stats.reset()
         self.samples = {"lengths": [], "misclassified": []}
         if self.every:
-            self._val_recording = recording_routing_stats(pl_module.model, self.stats)
-            self._val_recording.__enter__()
+            attach_routing_stats(pl_module.model, self.stats)
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *args: Any
@@ -143,9 +142,7 @@ class CapsuleDiagnostics(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the reduced scalars to every logger and the W&B objects from rank 0."""
-        recording = self.__dict__.pop("_val_recording", None)
-        if recording is not None:
-            recording.__exit__(None, None, None)
+        attach_routing_stats(pl_module.model, None)
         if not self.every or trainer.sanity_checking:
             return
         scalars = {f"val/class_acc/{c}": v for c, v in enumerate(self.recall.compute().tolist())}

@@ -70,7 +70,7 @@ class CapsLayer(nn.Module):
         super().__init__()
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
         self.iterations, self.detach, self.chunk_size = iterations, detach, chunk_size
-        self.routing_stats: RoutingStats | None = None  # set by capsdist.routing.recording_routing_stats
+        self.routing_stats: RoutingStats | None = None  # set by capsdist.routing.attach_routing_stats
         self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * 0.01)
 
     def priors(self, u: torch.Tensor) -> torch.Tensor:

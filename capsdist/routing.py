@@ -12,8 +12,6 @@ straight into that input-major layout, which the prior matmul's backward reads w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -158,15 +156,9 @@ def dynamic_routing(
     return v.view(batch, n_out, d)
 
 
-@contextmanager
-def recording_routing_stats(model: nn.Module, stats: RoutingStats) -> Iterator[RoutingStats]:
-    """Within the block, every routed layer of `model` (anything with a `routing_stats` attribute) adds its
-    per-round coupling statistics to `stats`; outside it the fast path computes none."""
-    layers = [m for m in model.modules() if hasattr(m, "routing_stats")]
-    for layer in layers:
-        layer.routing_stats = stats
-    try:
-        yield stats
-    finally:
-        for layer in layers:
-            layer.routing_stats = None
+def attach_routing_stats(model: nn.Module, stats: RoutingStats | None) -> None:
+    """Make every routed layer of `model` (anything with a `routing_stats` attribute) add its per-round coupling
+    statistics to `stats`; None detaches them, and the fast path then computes none."""
+    for layer in model.modules():
+        if hasattr(layer, "routing_stats"):
+            layer.routing_stats = stats
