@@ -28,6 +28,12 @@ def _real(test: Callable[[float], bool], valid: str) -> tuple[Callable[[Any], bo
     return (lambda v: isinstance(v, int | float) and abs(v) < float("inf") and test(float(v))), valid
 
 
+def _counts(v: Any) -> bool:
+    """A list of integers >= 1."""
+    return isinstance(v, list | tuple) and all(type(x) is int and x >= 1 for x in v)
+
+
+MAX_ROUTING_ITERATIONS = 20  # the paper uses 1-3; at 1000 a step never finished
 MODEL_RULES = {
     "num_targets": _int(1),
     "recon_weight": _real(lambda v: v >= 0, "a number >= 0 (paper: 0.0005; 0 turns the term off)"),
@@ -36,10 +42,24 @@ MODEL_RULES = {
     "lr_decay_steps": _int(1),
     "min_lr": _real(lambda v: v >= 0, "a number >= 0"),
     "log_images_every_n_steps": _int(0),
-    "routing_iterations": _int(1),
+    "routing_iterations": _int(1, MAX_ROUTING_ITERATIONS),
     "image_size": _int(1),
     "num_classes": _int(2),
     "in_channels": _int(1),
+    "conv_channels": _int(1),
+    "conv_kernel": _int(1),
+    "primary_channels": _int(1),
+    "primary_dim": _int(1),
+    "primary_kernel": _int(1),
+    "primary_stride": _int(1),
+    "routing_chunk_size": _int(1),
+    "decoder_hidden": (_counts, "a list of integers >= 1 (paper: [512, 1024])"),
+    "caps_layers": (
+        lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(_counts(p) and len(p) == 2 for p in v),
+        "a list of [count, dim] pairs of integers >= 1, the last count = num_classes (default: [[10, 16]])",
+    ),
+    "detach_routing": (lambda v: type(v) is bool, "true or false"),
+    "reconstruction": (lambda v: type(v) is bool, "true or false"),
 }
 DATA_RULES = {
     "batch_size": _int(1),

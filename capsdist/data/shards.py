@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset
 
 from capsdist.data import recipe
 from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
-from capsdist.data.shard_format import collate_inflated, inflate_sample, read_manifest
+from capsdist.data.shard_format import MAX_MEMBER_BYTES, TooLarge, collate_inflated, inflate_sample, read_manifest
 from capsdist.data.shard_urls import URL_TIMEOUT, open_shard
 from capsdist.data.shard_urls import expand_shards as expand_shards  # its home until this round; bench imports it here
 
@@ -83,8 +83,17 @@ def _pax_path(records: bytes) -> bytes | None:
     return None
 
 
-def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream (ustar, pax, GNU long names), checksums verified.
+def _pass_over(stream: Any, size: int, header: bytes) -> None:
+    """Read and drop ``size`` bytes in 64 KiB blocks (a stream may be a pipe: no seek); short is a truncated shard."""
+    while size and (chunk := stream.read(min(size, 1 << 16))):
+        size -= len(chunk)
+    if size:
+        raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes | TooLarge]]:
+    """(name, data) of the regular files of a tar stream (ustar, pax, GNU long names), checksums verified; a member
+    over ``MAX_MEMBER_BYTES`` is passed over unread and its data is a ``TooLarge``.
 
     A lean stand-in for ``tarfile``'s stream mode; member data or a header cut short, or a stream ending without
     the end-of-archive blocks, is a truncated shard (an error), never a quiet end.
@@ -103,17 +112,23 @@ def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
         if int(header[148:156].strip(b"\0 "), 8) != sum(header.translate(None, b"\0")) - sum(header[148:156]) + 8 * 32:
             raise ValueError(f"bad tar header checksum: {header[:100].rstrip(bytes(1))!r}")
         size, kind = int(header[124:136].strip(b"\0 ") or b"0", 8), header[156:157]
-        data = stream.read(size + -size % _TAR_BLOCK)
-        if len(data) < size:
-            raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
+        if size > MAX_MEMBER_BYTES:  # passed over in blocks, never held whole; a sample that needs it is corrupt
+            if kind not in (b"0", b"\0", b"7"):
+                raise ValueError(f"a tar header member of {size:,} bytes (a hostile or broken shard)")
+            _pass_over(stream, size + -size % _TAR_BLOCK, header)
+            data = TooLarge(size)
+        else:
+            data = stream.read(size + -size % _TAR_BLOCK)[:size]
+            if len(data) < size:
+                raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
         if kind in (b"x", b"L"):  # the next member's long name (pax "path" record, GNU ././@LongLink)
-            long_name = _pax_path(data[:size]) if kind == b"x" else data[:size].rstrip(b"\0")
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0")
         elif kind in (b"0", b"\0", b"7"):
             name = header[:100].split(b"\0", 1)[0]
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             name = long_name or (prefix + b"/" + name if prefix else name)
             long_name = None
-            yield name.decode("utf-8", "surrogateescape"), data[:size]
+            yield name.decode("utf-8", "surrogateescape"), data
 
 
 def tar_samples(url: str, stream: Any) -> Iterator[dict[str, Any]]:
