@@ -36,7 +36,7 @@ from capsdist.run import (
     run_loggers,
 )
 from capsdist.stop import GracefulStop, fit_summary
-from capsdist.validate import check_argv, check_run
+from capsdist.validate import bound_config_loading, check_argv, check_run
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -210,6 +210,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_known_warnings()
     with user_errors():
         check_argv(sys.argv[1:] if args is None else args)
+        bound_config_loading()
         CapsCLI(
             CapsNetModule,
             CapsDataModule,
