@@ -29,7 +29,7 @@ from capsdist.checkpoint import MODEL_ARGS, ForgedSettings, Trained, build_model
 from capsdist.model import CapsNet
 
 CONFIG_KEY = "capsnet_config"
-METADATA_TYPES = {"global_step": int, "data_source": str}  # the metadata values that loading uses
+METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string")}  # metadata loading uses
 STORE_DTYPE = torch.float16
 
 
@@ -89,9 +89,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     if not isinstance(config, dict) or not set(config) <= set(MODEL_ARGS):
         wrong = sorted(set(config) - set(MODEL_ARGS)) if isinstance(config, dict) else f"a {type(config).__name__}"
         raise _bad_file(path, f"{CONFIG_KEY} must be an object of CapsNet arguments, it has {wrong}")
-    for key, kind in METADATA_TYPES.items():
+    for key, (kind, name) in METADATA_TYPES.items():
         if key in meta and type(meta[key]) is not kind:
-            raise _bad_file(path, f"its metadata {key} {meta[key]!r} is not a {kind.__name__}")
+            raise _bad_file(path, f"its metadata {key} {meta[key]!r} is not {name}")
     return meta, shapes
 
 

@@ -107,7 +107,13 @@ def check_run(config: Mapping[str, Any]) -> None:
     if not special and Path(ckpt).is_file():
         from capsdist.checkpoint import read_weights_only  # a file Lightning's own load would refuse with a traceback
 
-        read_weights_only(ckpt)
+        missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in read_weights_only(ckpt)]
+        if missing:
+            raise ConfigError(
+                f"--ckpt_path {ckpt} is not a checkpoint written by `python -m capsdist.train fit` (it lacks "
+                f"{', '.join(missing)}). Fix: pass a .ckpt from a run's checkpoints/ folder; weights exported as "
+                ".safetensors start a run with --model.init_weights."
+            )
 
 
 LINKED = {"model.image_size": "image size", "model.num_targets": "number of digits per image"}

@@ -91,7 +91,7 @@ def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit) as stop:
         cli.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.num_workers=0"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "never commands or URLs" in err and "--data.val_shards" in err
+    assert stop.value.code == 2 and "never a pipe: command or a URL" in err and "--data.val_shards" in err
     time.sleep(0.2)
     assert not planted.exists()
 
