@@ -49,8 +49,9 @@ def run(*args: str, fsize: int | None = None, timeout: float = 240) -> tuple[sub
         [sys.executable, "-c", PEAK, sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO,
         env=subprocess_env(), preexec_fn=limits, timeout=timeout,
     )  # fmt: skip
-    peak = next(int(line.split()[1]) for line in reversed(done.stderr.splitlines()) if line.startswith("PEAK_KB"))
-    return done, peak / 1024
+    peak = next(int(line[8:]) / 1024 for line in reversed(done.stderr.splitlines()) if line.startswith("PEAK_KB"))
+    print(f"{' '.join(args[:2])}: exit {done.returncode}, peak {peak:.0f} MB")  # shown with pytest -s
+    return done, peak
 
 
 def one_paragraph(done: subprocess.CompletedProcess, phrase: str) -> None:
@@ -200,7 +201,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 def test_hostile_config_is_refused_at_once(kind: str, tmp_path: Path) -> None:
     """A 0.3 KB alias bomb (main: 4.6 GB) or a 24 MB config (main: parsing for minutes) as --config: exit 2."""
     config = tmp_path / "config.yaml"
-    config.write_text(BOMB if kind == "alias bomb" else "model:\n  lr: 0.001\n" + "# padding\n" * (24 << 20) // 10)
+    config.write_text(BOMB if kind == "alias bomb" else "model:\n  lr: 0.001\n" + "# padding\n" * ((24 << 20) // 10))
     done, peak = run("capsdist.train", "fit", "--config", str(config), timeout=120)
     one_paragraph(done, "through its aliases" if kind == "alias bomb" else "a config is refused above 1,048,576 bytes")
     assert peak < 900, peak
