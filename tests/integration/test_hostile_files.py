@@ -288,3 +288,21 @@ def test_disk_full_save_is_one_paragraph_and_keeps_the_old_checkpoint(fitted: Pa
     one_paragraph(done, f"cannot write {snapshot}: File too large. Fix: free space")
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
     assert not stale.exists() and not list(root.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("planted", ["config.yaml alias bomb", "pickled last.ckpt"])
+def test_report_reads_run_folders_as_data(planted: str, tmp_path: Path) -> None:
+    """`capsdist.report` on a run folder with a planted config.yaml bomb (main: all memory) or a pickled last.ckpt
+    (main: a traceback): exit 2, one paragraph."""
+    import argparse
+
+    (tmp_path / "csv" / "version_0").mkdir(parents=True)
+    (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,val/error\n0,0.5\n")
+    bomb = planted == "config.yaml alias bomb"
+    (tmp_path / "config.yaml").write_text(BOMB + "model:\n  routing_iterations: *i\n" if bomb else "model: {}\n")
+    if not bomb:
+        (tmp_path / "checkpoints").mkdir()
+        torch.save({"global_step": argparse.Namespace(n=1)}, tmp_path / "checkpoints" / "last.ckpt")
+    done, peak = run("capsdist.report", str(tmp_path))
+    one_paragraph(done, "through its aliases" if bomb else UNSAFE)
+    assert peak < 900, peak
