@@ -62,7 +62,7 @@ MODEL_RULES = {
     "reconstruction": (lambda v: type(v) is bool, "true or false"),
 }
 DATA_RULES = {
-    "batch_size": _int(1),
+    "batch_size": _int(1, 1 << 16),  # per rank; bounds what one batch (also one set by a file) allocates
     "num_workers": _int(0),
     "shuffle_buffer": _int(1),
     "train_batches_per_epoch": _int(1),
