@@ -276,9 +276,10 @@ def test_bad_setting_is_one_paragraph(flag: str, phrase: str, tmp_path: Path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_routing_iterations_are_bounded() -> None:
+def test_routing_iterations_are_bounded(tmp_path: Path) -> None:
     """--model.routing_iterations 1000 (main: accepted, the first step never finished): exit 2 at once."""
-    done, _ = run("capsdist.train", "fit", "--model.routing_iterations=1000", "--wandb_mode=disabled", timeout=120)
+    flags = [*FIT_FLAGS, f"--trainer.default_root_dir={tmp_path}", "--model.routing_iterations=1000"]
+    done, _ = run("capsdist.train", "fit", *flags, timeout=120)
     one_paragraph(done, "--model.routing_iterations 1000 is out of range: it must be an integer from 1 to 20")
 
 
