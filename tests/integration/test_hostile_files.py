@@ -207,7 +207,8 @@ def test_hostile_config_is_refused_at_once(kind: str, tmp_path: Path) -> None:
     """A 0.3 KB alias bomb (main: 4.6 GB) or a 24 MB config (main: parsing for minutes) as --config: exit 2."""
     config = tmp_path / "config.yaml"
     config.write_text(BOMB if kind == "alias bomb" else "model:\n  lr: 0.001\n" + "# padding\n" * ((24 << 20) // 10))
-    done, peak = run("capsdist.train", "fit", "--config", str(config), timeout=120)
+    root = f"--trainer.default_root_dir={tmp_path / 'run'}"
+    done, peak = run("capsdist.train", "fit", "--config", str(config), root, timeout=120)
     one_paragraph(done, "through its aliases" if kind == "alias bomb" else "a config is refused above 1,048,576 bytes")
     assert peak < 900, peak
 
