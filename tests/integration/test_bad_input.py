@@ -27,7 +27,7 @@ FIT_CASES = [
     (["--data.batch_size=0"], 2, "--data.batch_size 0 is out of range: it must be an integer from 1 to 65536"),
     (["--data.batch_size=-4"], 2, "--data.batch_size -4 is out of range"),
     (["--data.batch_size=-1"], 2, "--data.batch_size -1 is out of range"),
-    (["--model.routing_iterations=0"], 2, "--model.routing_iterations 0 is out of range: it must be an integer from 1 to 20"),
+    (["--model.routing_iterations=0"], 2, "--model.routing_iterations 0 is out of range: it must be an integer from 1"),
     (["--data.num_workers=-1"], 2, "--data.num_workers -1 is out of range: it must be an integer >= 0"),
     (["--model.lr_decay_steps=0"], 2, "--model.lr_decay_steps 0 is out of range"),
     (["--model.lr=-1"], 2, "--model.lr -1.0 is out of range: it must be a number > 0"),
