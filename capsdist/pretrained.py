@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from capsdist import CapsdistError, user_errors
+from capsdist import CapsdistError, prog, user_errors
 from capsdist.checkpoint import MODEL_ARGS, Trained, load_trained
 from capsdist.model import CapsNet
+from capsdist.shipped import WEIGHTS, weights_path
 
 CONFIG_KEY = "capsnet_config"
 STORE_DTYPE = torch.float16
@@ -64,12 +65,13 @@ def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metad
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`)."""
-    path = Path(path)
+    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`); `path`
+    may also name shipped weights ("capsnet-mnist")."""
+    path = weights_path(path)
     if not path.is_file():
         raise CapsdistError(
-            f"no weights file at {path}. Fix: pass the path of a .safetensors file, e.g. "
-            "pretrained/capsnet-mnist.safetensors from the repository."
+            f"no weights file at {path}. Fix: pass the path of a .safetensors file, or the name of shipped "
+            f"weights ({', '.join(WEIGHTS)})."
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -155,7 +157,7 @@ def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str
 def main(argv: list[str] | None = None) -> None:
     """`export` a checkpoint to safetensors, or `check` a weights file's MNIST test accuracy; JSON on stdout."""
     parser = argparse.ArgumentParser(
-        prog="python -m capsdist.pretrained", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("capsdist.pretrained"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="checkpoint -> safetensors, scored on all 10k test digits")

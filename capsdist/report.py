@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from capsdist import CapsdistError, user_errors
+from capsdist import CapsdistError, prog, user_errors
 
 COLUMNS = {  # key -> markdown header
     "run": "run",
@@ -118,7 +118,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the table of the given run folders."""
-    parser = argparse.ArgumentParser(prog="python -m capsdist.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog("capsdist.report"), description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.default_root_dir)")
     parser.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
     args = parser.parse_args(argv)
