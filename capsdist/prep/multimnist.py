@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from capsdist import prog, write_error
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
 from capsdist.files import atomic_write
+from capsdist.prep.progress import Progress
 
 __all__ = ["Plan", "generate", "main"]
 JOURNAL = ".journal.json"
@@ -180,7 +180,7 @@ def _generate_locked(src: Path, out: Path, plan: Plan, split: str, workers: int)
     todo = [s for s in range(plan.num_shards) if plan.shard_name(s) not in done]
     journal = {"params": params, "shards": done}
     with (
-        tqdm(total=plan.total, initial=sum(e["count"] for e in done.values()), unit="sample", disable=None) as bar,
+        Progress(plan.total, initial=sum(e["count"] for e in done.values())) as bar,
         mp.get_context("spawn").Pool(max(1, workers), _init_worker, (str(src), split, plan, str(out))) as pool,
     ):
         for shard, count, digest in pool.imap_unordered(_write_shard, todo):
