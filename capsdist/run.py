@@ -155,7 +155,7 @@ def run_loggers(root: Path, mode: str | None, project: str | None, resuming: boo
         (root / "wandb").mkdir(parents=True, exist_ok=True)
     name = None if os.environ.get("WANDB_NAME") else root.name
     run_id = _wandb_run_id(root, resuming)
-    keep_wandb_files_in(root / "wandb")
+    keep_wandb_files_in(Path(os.environ.get("WANDB_DIR") or root) / "wandb")
     loggers.insert(0, RunWandbLogger(root, name=name, save_dir=save_dir, id=run_id, **settings))
     return loggers
 

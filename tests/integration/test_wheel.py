@@ -100,6 +100,10 @@ def test_quickstart_evaluate_and_console_scripts_outside_the_checkout(venv: Path
     assert usage.stdout.startswith("usage: capsdist-report"), usage.stdout
     listed = run([str(venv / "capsdist-train"), "configs"], tmp_path)
     assert "quickstart" in listed.stdout and "strategy/fsdp" in listed.stdout
+    assert run([str(venv / "capsdist-train"), "--help"], tmp_path).stdout.startswith("usage: capsdist-train")
+    shards = [str(venv / "capsdist-shards"), "--split", "test", "--num_samples", "20", "--shard_size", "10"]
+    made = run([*shards, "--workers", "1", "--out", "shards"], tmp_path, CAPSDIST_MNIST_DIR=str(SHIPPED))
+    assert made.returncode == 0 and len(list((tmp_path / "shards").glob("*.tar"))) == 2, made.stderr[-3000:]
 
 
 def test_mnist_downloads_into_the_cache_or_fails_before_any_run_output(venv: Path, tmp_path: Path, mirror: str) -> None:
