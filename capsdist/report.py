@@ -99,8 +99,9 @@ def summarize_all(run_dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]],
                 raise NotARunError(f"{run_dir} is not a folder")
             rows.append(summarize(run_dir))
         except UNREADABLE as err:
-            kind = "" if isinstance(err, CapsdistError) else f"{type(err).__name__}: "
-            skipped.append(f"skipped {run_dir}: {kind}{' '.join(str(err).split())[:300]}")
+            # our errors whole (they name the fix); others' first sentence (torch's run on for a paragraph)
+            why = str(err) if isinstance(err, CapsdistError) else f"{type(err).__name__}: {str(err).split('. ')[0]}"
+            skipped.append(f"skipped {run_dir}: {' '.join(why.split())[:400]}")
     return rows, skipped
 
 
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with user_errors():
         rows, skipped = summarize_all(args.run_dirs)
         for line in skipped:
-            print(f"capsdist-report: {line}", file=sys.stderr)
+            print(f"capsdist: {line}", file=sys.stderr)
         if not rows:
             raise NotARunError(f"none of the {len(args.run_dirs)} folder(s) could be read (reasons above).")
         print(render(rows, args.format))
