@@ -75,6 +75,8 @@ def test_wheel_holds_configs_weights_and_license_and_one_top_level_package(wheel
     configs = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
     assert {f"capsdist/{c}" for c in configs} <= set(names)
     assert "capsdist/weights/capsnet-mnist.safetensors" in names
+    code = {str(p.relative_to(REPO)) for p in (REPO / "capsdist").rglob("*.py")}
+    assert code - set(names) == set(), "add the new package to pyproject's [tool.setuptools] packages"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
