@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,3 +41,14 @@ def write_error(err: OSError) -> str:
         "folder (--trainer.default_root_dir for training, --out for data_prep and figures); finished files "
         "there are complete (writes are atomic), so re-run once it is fixed (training: `--ckpt_path last`)."
     )
+
+
+def prog(module: str) -> str:
+    """A CLI's name in its usage line: the console script that was run (`capsdist-train`), else `python -m ...`
+    with the module that was run (`data_prep.mnist` in a checkout), else `module`."""
+    script = os.path.basename(sys.argv[0])
+    if script.startswith("capsdist-"):
+        return script
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = spec.name.removesuffix(".__main__") if spec else ""
+    return f"python -m {name if name.startswith(('capsdist', 'data_prep')) else module}"

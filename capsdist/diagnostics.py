@@ -239,7 +239,8 @@ def wandb_panels(matrix: torch.Tensor, samples: dict[str, list]) -> dict[str, An
 
 
 def log_checkpoints(trainer: pl.Trainer, run: Any) -> None:
-    """Best and last checkpoints as W&B model artifacts (offline too), with the run's metrics as metadata."""
+    """Best and last checkpoints as W&B model artifacts, with the run's metrics as metadata: uploaded online, and
+    offline a reference to the file in the run folder (W&B would otherwise stage a full copy of each under ~)."""
     import wandb
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
@@ -250,5 +251,8 @@ def log_checkpoints(trainer: pl.Trainer, run: Any) -> None:
     for alias, path in paths.items():
         if path and Path(path).is_file():
             artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={**metrics, "checkpoint": alias})
-            artifact.add_file(path)
+            if run.offline:
+                artifact.add_reference(Path(path).resolve().as_uri(), name=Path(path).name, checksum=True)
+            else:
+                artifact.add_file(path, skip_cache=True)  # uploaded, not copied into W&B's cache as well
             run.log_artifact(artifact, aliases=[alias])

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from capsdist import CapsdistError, user_errors
+from capsdist import CapsdistError, prog, user_errors
 from capsdist.checkpoint import Trained, load_trained
 from capsdist.data.modules import CapsDataModule
 from capsdist.metrics import CapsMetrics
@@ -22,7 +22,7 @@ from capsdist.scoring import eval_batch
 
 def inference_parser(description: str) -> ArgumentParser:
     """Arguments shared by evaluate and figures: the checkpoint, the device and the datamodule's settings."""
-    parser = ArgumentParser(description=description)
+    parser = ArgumentParser(prog=prog("capsdist.evaluate"), description=description)  # figures: its own name
     parser.add_argument("--ckpt", type=str | None, default=None, help="checkpoint written by capsdist.train")
     parser.add_argument("--weights", type=str | None, default=None, help="or a .safetensors from capsdist.pretrained")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -182,6 +182,14 @@ class CapsNet(nn.Module):
         shape = (in_channels, image_size, image_size)
         self.decoder = Decoder(num_classes, out_dim, decoder_hidden, shape) if reconstruction else None
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "capsnet-mnist", device: str | torch.device = "cpu") -> CapsNet:
+        """A float32 CapsNet in eval mode from shipped weights ("capsnet-mnist", 99.60% on MNIST's test digits) or
+        a .safetensors file written by `capsdist.pretrained export`; its architecture comes from the file."""
+        from capsdist.pretrained import load_weights  # safetensors and metadata checks, loaded only when asked
+
+        return load_weights(name_or_path, device)[0]
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, k: int = 1) -> CapsOutput:
         """Class capsules for images x [B, C, H, W]; reconstructions masked by `labels` [B, K] when given
         (training), else by the k longest capsules (test)."""

@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from capsdist import CapsdistError, user_errors
+from capsdist import CapsdistError, prog, user_errors
 from capsdist.checkpoint import MODEL_ARGS, ForgedSettings, Trained, build_model, load_trained
 from capsdist.model import CapsNet
+from capsdist.shipped import WEIGHTS, weights_path
 
 CONFIG_KEY = "capsnet_config"
 METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string")}  # metadata loading uses
@@ -68,8 +69,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """A weights file's JSON-decoded, type-checked metadata and its tensors' shapes, without reading any tensor."""
     if not path.is_file():
         raise CapsdistError(
-            f"no weights file at {path}. Fix: pass the path of a .safetensors file, e.g. "
-            "pretrained/capsnet-mnist.safetensors from the repository."
+            f"no weights file at {path}. Fix: pass the path of a .safetensors file, or the name of shipped "
+            f"weights ({', '.join(WEIGHTS)})."
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -96,8 +97,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`)."""
-    path = Path(path)
+    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`); `path`
+    may also name shipped weights ("capsnet-mnist")."""
+    path = weights_path(path)
     meta, _ = _read_header(path)
     try:
         tensors = load_file(str(path))
@@ -120,11 +122,12 @@ def init_from(model: CapsNet, path: str | Path) -> None:
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict[str, Any]]:
     """A float32 `CapsNet` in eval mode from a weights file, and the file's metadata (JSON-decoded)."""
-    meta, shapes = _read_header(Path(path))
+    path = weights_path(path)
+    meta, shapes = _read_header(path)
     try:
         model = build_model(meta[CONFIG_KEY], shapes)  # checked, sized by the file: before any allocation
     except ForgedSettings as err:
-        raise _bad_file(Path(path), f"it {err}") from None
+        raise _bad_file(path, f"it {err}") from None
     tensors, meta = read_weights(path)
     try:
         model.load_state_dict(tensors)
@@ -179,7 +182,7 @@ def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str
 def main(argv: list[str] | None = None) -> None:
     """`export` a checkpoint to safetensors, or `check` a weights file's MNIST test accuracy; JSON on stdout."""
     parser = argparse.ArgumentParser(
-        prog="python -m capsdist.pretrained", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("capsdist.pretrained"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="checkpoint -> safetensors, scored on all 10k test digits")

@@ -13,11 +13,14 @@ import csv
 import io
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from capsdist import CapsdistError, user_errors
+import yaml
+
+from capsdist import CapsdistError, prog, user_errors
 from capsdist.checkpoint import read_weights_only
 from capsdist.validate import bounded_yaml_load
 
@@ -56,16 +59,16 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     """One run folder's Table 1 row (errors as fractions, None where the run logged nothing of the kind)."""
     run_dir = Path(run_dir)
     files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    # The CLI saves config.yaml in the first logger's folder: the run folder with W&B, csv/version_N without.
-    configs = [run_dir / "config.yaml", *(path.with_name("config.yaml") for path in reversed(files))]
+    # config.yaml is in the run folder; runs of earlier versions without W&B have it in csv/version_N
+    configs = [run_dir / "config.yaml", *sorted(run_dir.glob("csv/version_*/config.yaml"), reverse=True)]
     config = next((path for path in configs if path.is_file()), None)
-    if config is None or not files:
+    if config is None:
         raise NotARunError(
-            f"{run_dir} is not a capsdist run folder (it needs csv/version_*/metrics.csv and a config.yaml). "
+            f"{run_dir} is not a capsdist run folder (it has no config.yaml, which every `fit` writes first). "
             "Fix: pass the trainer.default_root_dir of a `python -m capsdist.train fit` run, e.g. runs/mnist."
         )
     model = (bounded_yaml_load(config.read_text()) or {}).get("model", {})  # a run folder's file: bounded
-    versions = [list(csv.DictReader(io.StringIO(path.read_text()))) for path in files]
+    versions = [list(csv.DictReader(io.StringIO(path.read_text()))) for path in files]  # none: a run too short to log
     rows = [row for version in versions for row in version]
     val, test = _column(rows, "val/error"), _column(rows, "test/error")
     # ThroughputMonitor's running totals: images over training seconds (data wait included), per fit process
@@ -82,6 +85,25 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "images_per_s": statistics.median(speed) if speed else None,  # median over the fit processes (resumes)
         "wall_time_s": sum(elapsed) if any(elapsed) else None,
     }
+
+
+# what a folder that cannot be summarized raises: missing or damaged files (a crashed run, a foreign folder)
+UNREADABLE = (CapsdistError, OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, yaml.YAMLError)
+
+
+def summarize_all(run_dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the folders that can be read, and for each other one a line naming it and why it was skipped."""
+    rows, skipped = [], []
+    for run_dir in run_dirs:
+        try:
+            if not Path(run_dir).is_dir():
+                raise NotARunError(f"{run_dir} is not a folder")
+            rows.append(summarize(run_dir))
+        except UNREADABLE as err:
+            # our errors whole (they name the fix); others' first sentence (torch's run on for a paragraph)
+            why = str(err) if isinstance(err, CapsdistError) else f"{type(err).__name__}: {str(err).split('. ')[0]}"
+            skipped.append(f"skipped {run_dir}: {' '.join(why.split())[:400]}")
+    return rows, skipped
 
 
 def _cell(key: str, value: Any) -> str:
@@ -117,12 +139,17 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the table of the given run folders."""
-    parser = argparse.ArgumentParser(prog="python -m capsdist.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog("capsdist.report"), description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.default_root_dir)")
     parser.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
     args = parser.parse_args(argv)
     with user_errors():
-        print(render([summarize(run_dir) for run_dir in args.run_dirs], args.format))
+        rows, skipped = summarize_all(args.run_dirs)
+        for line in skipped:
+            print(f"capsdist: {line}", file=sys.stderr)
+        if not rows:
+            raise NotARunError(f"none of the {len(args.run_dirs)} folder(s) could be read (reasons above).")
+        print(render(rows, args.format))
 
 
 if __name__ == "__main__":

@@ -34,12 +34,30 @@ BEST = {"val/error": "min", "val/loss": "min", "val/acc": "max", "val/digit_acc"
 
 
 class LoggedConfig(SaveConfigCallback):
-    """Save the resolved config beside the run and send it to every logger (W&B shows it as the run config)."""
+    """Save the resolved config in the run folder and send it to every logger, once and nested (W&B shows it as
+    the run config)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """config.yaml in trainer.default_root_dir, with or without W&B (Lightning's puts it in the first logger's
+        folder: csv/version_N without W&B), and no flat second copy of the model's and data's settings."""
+        pl_module._log_hyperparams = False  # Lightning would log model+data hparams flat beside the nested config
+        if trainer.datamodule is not None:
+            trainer.datamodule._log_hyperparams = False
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            path = str(root / self.config_filename)
+            self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Log the parsed config as nested hyperparameters (trainer/model/data/...), and W&B's best-value summaries."""
         config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, format="yaml"))
         config.pop("config", None)  # the --config file paths; their contents are the rest
+        config = {k: v for k, v in config.items() if v is not None}  # unset flags (--optimizer, --wandb_mode, ...)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
             if is_wandb(logger):
@@ -91,11 +109,24 @@ class RunWandbLogger(WandbLogger):
     def __init__(self, root: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = str(root)
+        self._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb >= 0.19 warns that it is unused
 
     @property
     def save_dir(self) -> str:
         """The run folder."""
         return self.root
+
+
+_OUR_WANDB_DIRS: set[str] = set()  # the variables keep_wandb_files_in set (a later run in this process resets them)
+
+
+def keep_wandb_files_in(folder: Path) -> None:
+    """Point W&B's staging, cache and service logs (by default under ~/.local/share/wandb and ~/.cache/wandb) into
+    the run's wandb/ folder, so a copied run folder holds everything; variables the user set are kept."""
+    for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        if var not in os.environ or var in _OUR_WANDB_DIRS:
+            os.environ[var] = str(folder.resolve() / sub)
+            _OUR_WANDB_DIRS.add(var)
 
 
 def run_loggers(root: Path, mode: str | None, project: str | None, resuming: bool = False) -> list[Logger]:
@@ -124,6 +155,7 @@ def run_loggers(root: Path, mode: str | None, project: str | None, resuming: boo
         (root / "wandb").mkdir(parents=True, exist_ok=True)
     name = None if os.environ.get("WANDB_NAME") else root.name
     run_id = _wandb_run_id(root, resuming)
+    keep_wandb_files_in(Path(os.environ.get("WANDB_DIR") or root) / "wandb")
     loggers.insert(0, RunWandbLogger(root, name=name, save_dir=save_dir, id=run_id, **settings))
     return loggers
 

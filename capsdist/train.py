@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from capsdist import CapsdistError, resume, user_errors
+from capsdist import CapsdistError, prog, resume, shipped, user_errors
+from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.guards import fault_callbacks
@@ -41,6 +42,11 @@ from capsdist.validate import bound_config_loading, check_argv, check_run
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
 
+CONFIGS_EPILOG = "shipped configs (-c/--config NAME, listed by `capsdist-train configs`): " + ", ".join(
+    shipped.config_names()
+)
+
+
 class OptimizerFlagError(CapsdistError):
     """--optimizer/--lr_scheduler given: capsdist trains with the paper's Adam schedule only."""
 
@@ -60,10 +66,16 @@ def quiet_known_warnings() -> None:
         r"\s*``instantiate_classes`` was deprecated",
         # predict's loader is a plain iterable on purpose (capsdist.data.modules.BaseData.predict_dataloader)
         r"Couldn't infer the batch indices fetched from your dataloader",
+        # main() passes the command line as `args` after resolving shipped config names
+        r"LightningCLI's args parameter is intended to run from within Python",
+        # the missing-monitor warning of the best checkpoint before the first validation (short runs)
+        r"`ModelCheckpoint\(monitor='val/error'\)` could not find the monitored key",
         # Lightning 2.6.6's _pytree against torch >= 2.10, at every checkpoint load
         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     ):
         warnings.filterwarnings("ignore", message=message)
+    if not os.environ.get("SLURM_JOB_ID"):  # srun on PATH but no SLURM job: nothing was launched wrongly
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_litlogger_tip)  # once per process
 
 
@@ -121,6 +133,8 @@ class CapsCLI(PrivateOverrides):
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or "runs/default")
         kwargs["default_root_dir"] = str(root)
+        if hasattr(self.datamodule, "mnist_dir"):  # find (or download) MNIST before a run folder or W&B run exists
+            mnist.resolve_dir(self.datamodule.mnist_dir)
         if config.get("logger") in (None, True):
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
             resuming = self._get(self.config_init, "ckpt_path") is not None
@@ -132,7 +146,9 @@ class CapsCLI(PrivateOverrides):
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
         if not any(isinstance(c, GracefulStop) for c in callbacks):  # replaces Lightning's deadlock-prone handlers
             callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
-        callbacks += [LearningRateMonitor(logging_interval="step"), WallClock(), CapsuleDiagnostics()]
+        if config.get("logger") is not False:  # `--trainer.logger false` trains without loggers
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks += [WallClock(), CapsuleDiagnostics()]
         callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
@@ -208,8 +224,13 @@ class CapsCLI(PrivateOverrides):
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
     quiet_known_warnings()
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["configs"]:  # `capsdist-train configs`: what --config NAME can name
+        print(shipped.config_listing())
+        return
     with user_errors():
-        check_argv(sys.argv[1:] if args is None else args)
+        args = shipped.resolve_config_args(args)
+        check_argv(args)
         bound_config_loading()
         CapsCLI(
             CapsNetModule,
@@ -217,7 +238,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
-            parser_kwargs={"allow_abbrev": False},
+            parser_kwargs={"allow_abbrev": False, "prog": prog("capsdist.train"), "epilog": CONFIGS_EPILOG},
             load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
             auto_configure_optimizers=False,  # the paper's schedule is the module's; see --optimizer's refusal
             args=args,

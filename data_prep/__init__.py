@@ -1,1 +1,1 @@
-"""Data preparation for capsdist: MNIST intake and MultiMNIST WebDataset shards."""
+"""`python -m data_prep.mnist|multimnist` in a checkout: thin aliases of capsdist.prep (what a wheel installs)."""

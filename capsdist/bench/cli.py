@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from capsdist import prog
 from capsdist.bench.data import SHARD_RATES, onthefly_row, shard_rows
 from capsdist.bench.models import LOW_PRECISION, MODEL_WHATS, measure
 
@@ -28,7 +29,7 @@ def split_list(values: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags, in the training CLI's underscore style (the hyphenated spellings are kept as aliases)."""
-    parser = argparse.ArgumentParser(prog="python -m capsdist.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog("capsdist.bench"), description=__doc__)
     parser.add_argument("--what", action="append", default=[], help=f"repeatable or comma list of {WHATS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(

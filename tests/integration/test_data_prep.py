@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -276,3 +277,20 @@ def test_rerun_with_other_params_refused(shard_dir: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as info:
         _run_cli("--num-samples", "250", "--shard-size", "100", "--seed", "8", "--out", str(shard_dir))
     assert "other parameters" in info.value.stderr and "another --out" in info.value.stderr
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`data_prep.multimnist ... > log` prints plain lines (count, rate, ETA), not a bar and not nothing; lines come
+    at most every `every` seconds (here 0: one per update) and at the end."""
+    from capsdist.prep.progress import Progress
+
+    line = re.compile(r"^(\d+)/(\d+) samples \(\d+%\), [\d,]+ samples/s, ETA (\d+:\d\d:\d\d|\?)$")
+    done = _run_cli("--num-samples", "40", "--shard-size", "10", "--workers", "1", "--out", str(tmp_path / "s"))
+    lines = done.stdout.splitlines()
+    assert line.match(lines[-2]) and line.match(lines[-2]).group(1) == "40", done.stdout
+    assert lines[-1].endswith("manifest.json") and "\r" not in done.stdout + done.stderr
+    with Progress(30, initial=10, every=0) as bar:
+        for _ in range(2):
+            bar.update(10)
+    counts = [int(line.match(row).group(1)) for row in capsys.readouterr().out.splitlines()]
+    assert counts == [20, 30]

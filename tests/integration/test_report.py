@@ -65,6 +65,25 @@ def test_report_of_a_folder_that_is_no_run(tmp_path: Path, capsys: pytest.Captur
     assert exit_info.value.code == 2 and "not a capsdist run folder" in err and "Traceback" not in err
 
 
+def test_report_prints_the_rows_it_can_and_names_what_it_skipped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`capsdist-report runs/*` over a finished run, a short one with no CSV metrics (W&B off: config.yaml still in
+    the run folder), a crashed one (damaged checkpoint) and a folder that is no run: two rows, two named skips."""
+    fit_summary(tmp_path / "done", capsys)
+    fit_summary(tmp_path / "short", capsys, "--trainer.max_steps=1", "--trainer.log_every_n_steps=50",
+                "--trainer.limit_val_batches=0")  # fmt: skip
+    assert (tmp_path / "short" / "config.yaml").is_file() and not list(tmp_path.glob("short/csv/*/metrics.csv"))
+    (tmp_path / "crashed" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "crashed" / "config.yaml").write_text((tmp_path / "done" / "config.yaml").read_text())
+    (tmp_path / "crashed" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
+    (tmp_path / "notes").mkdir()
+    report.main([str(tmp_path / name) for name in ("crashed", "done", "notes", "short")] + ["--format", "json"])
+    out, err = capsys.readouterr()
+    assert [(r["run"], r["steps"]) for r in json.loads(out)] == [("done", 4), ("short", 1)]
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert len(skipped) == 2 and "crashed" in skipped[0] and "not a capsdist run folder" in skipped[1], err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_ablation_array_runs_each_row_into_its_own_folder(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -1,0 +1,39 @@
+"""Shipped configs and weights by name (capsdist.shipped): `--config quickstart`, `--weights capsnet-mnist`,
+`CapsNet.from_pretrained`; files on disk win over names, and an unknown name is an error that lists the names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsdist import shipped
+from capsdist.model import CapsNet
+from capsdist.pretrained import load_weights
+from tests.conftest import REPO
+
+
+def test_config_names_resolve_to_shipped_files_and_files_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # outside the checkout: configs/quickstart.yaml is no file here
+    argv = ["fit", "--config", "quickstart", "-c", "strategy/fsdp", "--config=configs/mnist.yaml", "--x", "quickstart"]
+    assert shipped.resolve_config_args(argv) == [
+        "fit", "--config", str(REPO / "configs/quickstart.yaml"), "-c", str(REPO / "configs/strategy/fsdp.yaml"),
+        f"--config={REPO / 'configs/mnist.yaml'}", "--x", "quickstart",
+    ]  # fmt: skip
+    (tmp_path / "quickstart").write_text("trainer: {max_steps: 1}\n")
+    assert shipped.config_path("quickstart") == "quickstart"  # a file of that name is read as before
+    assert shipped.config_path("{trainer: {max_steps: 1}}") == "{trainer: {max_steps: 1}}"  # inline YAML
+    with pytest.raises(shipped.UnknownConfigError, match="quickstart, strategy/capsule_parallel"):
+        shipped.config_path("quikstart")
+    assert {p.name for p in shipped.config_dir().rglob("*.yaml")} >= {"quickstart.yaml", "fsdp.yaml"}
+
+
+def test_pretrained_by_name_is_the_shipped_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "pretrained" / "capsnet-mnist.safetensors"
+    assert shipped.weights_path("capsnet-mnist") == shipped.weights_path("pretrained/capsnet-mnist.safetensors") == path
+    model, meta = load_weights(path)
+    named = CapsNet.from_pretrained("capsnet-mnist")
+    assert not named.training and meta["test_accuracy"] == pytest.approx(0.996)
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), model.state_dict().values(), strict=True))
