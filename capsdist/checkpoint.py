@@ -11,6 +11,7 @@ import torch
 
 from capsdist import CapsdistError
 from capsdist.model import CapsNet
+from capsdist.sharded_checkpoint import read_full
 
 MODEL_ARGS = tuple(inspect.signature(CapsNet).parameters)
 
@@ -38,10 +39,10 @@ class Trained:
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
     """Load a capsdist checkpoint safely (``weights_only=True``) into a plain CapsNet in eval mode."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CapsdistError(f"no checkpoint at {path}. Fix: pass a .ckpt that training wrote (runs/NAME/checkpoints/).")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_full(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
         hparams = dict(checkpoint["hyper_parameters"])
         model = CapsNet(**{k: v for k, v in hparams.items() if k in MODEL_ARGS})
         weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
