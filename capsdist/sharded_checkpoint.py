@@ -16,6 +16,9 @@ import argparse
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,16 @@ def _dcp_dict(tensors: dict[str, torch.Tensor], splits: dict[str, RowSplit]) -> 
     return {k: _rows(v, splits[k]) if k in splits else v for k, v in tensors.items()}
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns that ShardedTensor (the row blocks) is deprecated for DTensor, whose uneven splits are torch.chunk's
+    (not `shard_bounds`'), and that a process-less load is one: both expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -118,7 +131,8 @@ def save(checkpoint: dict[str, Any], path: str | Path, splits: dict[str, RowSpli
         tmp.mkdir(parents=True)
     _barrier()
     tensors, meta = flatten(checkpoint)
-    dcp.save(_dcp_dict(tensors, splits), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    with _quiet():
+        dcp.save(_dcp_dict(tensors, splits), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     if _rank0():  # dcp.save returns once every rank's files and the DCP metadata are written
         with open(tmp / META, "wb") as handle:
             torch.save(meta, handle)
@@ -157,7 +171,8 @@ def load(path: str | Path, targets: dict[str, torch.Tensor], splits: dict[str, R
             f"the sharded checkpoint {path} does not fit the configured model ({'; '.join(wrong[:3])}). Fix: resume "
             "with the model settings of the run that wrote it (its config.yaml), or start a fresh run."
         )
-    dcp.load(_dcp_dict(targets, splits), storage_reader=dcp.FileSystemReader(str(path)))
+    with _quiet():
+        dcp.load(_dcp_dict(targets, splits), storage_reader=dcp.FileSystemReader(str(path)))
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -216,7 +231,8 @@ def read_full(path: str | Path) -> dict[str, Any]:
         )
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items() if hasattr(md, "size")}
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    with _quiet():
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
     return unflatten(tensors, read_meta(path))
 
 
