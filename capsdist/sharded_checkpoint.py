@@ -236,14 +236,19 @@ def read_full(path: str | Path) -> dict[str, Any]:
     return unflatten(tensors, read_meta(path))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``convert DIR OUT``: a sharded checkpoint as one file that evaluate/figures/pretrained export take."""
+def parser() -> argparse.ArgumentParser:
+    """The command line: ``convert DIR OUT``."""
     parser = argparse.ArgumentParser(prog="python -m capsdist.sharded_checkpoint", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="sharded NAME.ckpt/ directory -> single-file checkpoint")
     convert.add_argument("directory")
     convert.add_argument("out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``convert DIR OUT``: a sharded checkpoint as one file that evaluate/figures/pretrained export take."""
+    args = parser().parse_args(argv)
     from capsdist.resume import atomic_save  # capsdist.resume reads sharded checkpoints with this module
 
     with user_errors():
