@@ -14,6 +14,7 @@ import torch
 
 from capsdist import CapsdistError
 from capsdist.model import CapsNet
+from capsdist.sharded_checkpoint import read_full
 from capsdist.validate import MODEL_RULES, ConfigError, check
 
 MODEL_ARGS = tuple(inspect.signature(CapsNet).parameters)
@@ -107,9 +108,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     """Load a capsdist checkpoint safely (``weights_only=True``, settings checked before any model is built) into a
     plain CapsNet in eval mode."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CapsdistError(f"no checkpoint at {path}. Fix: pass a .ckpt that training wrote (runs/NAME/checkpoints/).")
-    checkpoint = read_weights_only(path)
+    checkpoint = read_full(path) if path.is_dir() else read_weights_only(path)  # a sharded one: a directory
     try:
         hparams, data = dict(checkpoint["hyper_parameters"]), dict(checkpoint.get("datamodule_hyper_parameters", {}))
         weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

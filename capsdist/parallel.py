@@ -11,6 +11,7 @@ the signal handler and can deadlock a multi-rank job (see capsdist.stop); the tr
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +28,14 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel
 
-from capsdist import CapsdistError
+from capsdist import CapsdistError, sharded_checkpoint
 from capsdist.capsule_parallel import (  # capsule parallelism lives in its own pure-torch module
     ShardedCapsLayer,
+    full_optimizer_state,
     full_state_dict,
     load_full_state_dict,
+    optimizer_splits,
+    row_splits,
     shard_capsnet,
 )
 from capsdist.lightning_compat import PrivateFSDPOverrides
@@ -103,19 +107,26 @@ class GroupSizeError(CapsdistError):
 class CapsuleParallelStrategy(DDPStrategy):
     """Capsule parallelism inside groups of ``group_size`` ranks, DDP across the groups.
 
-    World W = G x N: ranks g*N .. g*N+N-1 form capsule group g; each routed CapsLayer is split among them by input
-    capsules (capsdist.capsule_parallel) and they all train on the same batches. Ranks {k, N+k, 2N+k, ...} form
-    data-parallel group k, and DDP all-reduces gradients only there: replicated parameters already get identical
-    gradients across a capsule group (same batch, full dL/du), and W slice k lives in data-parallel group k only.
-    Checkpoints hold full weights and full Adam moments (they load in one process; resume re-slices them).
+    World W = G x N: ranks g*N .. g*N+N-1 form capsule group g; its PrimaryCaps maps and routed CapsLayers are
+    split among them (capsdist.capsule_parallel) and they all train on the same batches. Ranks {k, N+k, 2N+k, ...}
+    form data-parallel group k, and DDP all-reduces gradients only there: replicated parameters already get
+    identical gradients across a capsule group (same batch; Conv1's summed over the group), and split slice k lives
+    in data-parallel group k only.
+    Checkpoints (``state_dict_type``): "sharded" (default) writes a ``NAME.ckpt/`` directory, each rank its own rows
+    in parallel (capsdist.sharded_checkpoint), resumable on any number of ranks; "full" gathers whole weights and
+    Adam moments into one file (loads in one process; needs them all in one rank's memory).
     """
 
-    def __init__(self, group_size: int | None = None, **kwargs: Any) -> None:
-        """``group_size``: ranks per capsule group (default: the whole job); other arguments are DDPStrategy's."""
+    def __init__(self, group_size: int | None = None, state_dict_type: str = "sharded", **kwargs: Any) -> None:
+        """``group_size``: ranks per capsule group (default: the whole job); ``state_dict_type``: "sharded" or
+        "full" checkpoints; other arguments are DDPStrategy's."""
         super().__init__(**kwargs)
-        self.group_size = group_size
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")
+        self.group_size, self.state_dict_type = group_size, state_dict_type
         self._capsule_group: dist.ProcessGroup | None = None
         self._dp_group: dist.ProcessGroup | None = None
+        self._sharded_resume: Path | None = None  # a sharded checkpoint being resumed: loaded after the split
 
     @property
     def _size(self) -> int:
@@ -150,16 +161,25 @@ class CapsuleParallelStrategy(DDPStrategy):
         data = [dist.new_group(list(range(k, world, size))) for k in range(size)]
         self._capsule_group, self._dp_group = capsule[self.global_rank // size], data[self.global_rank % size]
 
-    def _sharded(self) -> list[ShardedCapsLayer]:
-        return [m for m in self.lightning_module.modules() if isinstance(m, ShardedCapsLayer)]
+    def _split(self) -> bool:
+        return bool(row_splits(self.lightning_module))
 
     def setup(self, trainer: Any) -> None:
-        """Shard the module's CapsNet (once; a restored checkpoint is already in it, full) before DDP wraps it."""
-        if not self._sharded():
+        """Split the module's CapsNet (once; a restored full checkpoint is already in it, a sharded one is loaded
+        into the split model) before DDP wraps it."""
+        if not self._split():
             model = self.lightning_module.model.to(self.root_device)
+            if model.primary.channels < self._size:
+                raise GroupSizeError(
+                    f"a capsule group of {self._size} ranks cannot split {model.primary.channels} PrimaryCaps maps "
+                    "(each rank computes whole maps). Fix: set trainer.strategy.init_args.group_size to at most "
+                    f"{model.primary.channels}, or widen model.primary_channels."
+                )
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)  # one initialisation on every rank, whatever each rank's seed
             shard_capsnet(model, self._capsule_group)
+            if self._sharded_resume is not None:
+                sharded_checkpoint.load_module(self._sharded_resume, self.lightning_module)
         super().setup(trainer)
 
     def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
@@ -169,44 +189,63 @@ class CapsuleParallelStrategy(DDPStrategy):
         return DistributedDataParallel(model, device_ids=self.determine_ddp_device_ids(), **kwargs)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Full weights, W gathered from the capsule group (a collective: every rank saves)."""
+        """This rank's weights (sharded checkpoints) or the whole weights gathered from the capsule group (full)."""
+        if self.state_dict_type == "sharded":
+            return self.lightning_module.state_dict()
         return full_state_dict(self.lightning_module)
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """This rank's optimizer state (sharded) or one with the whole moments of every split tensor (full)."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        if self.state_dict_type == "sharded":
+            return optimizer.state_dict()
+        return full_optimizer_state(self.lightning_module, optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Sharded: every rank writes its rows into the ``filepath`` directory (a collective). Full: one file."""
+        if self.state_dict_type == "full":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        path = self.broadcast(str(filepath))  # every rank writes into rank 0's directory
+        sharded_checkpoint.save(checkpoint, path, sharded_checkpoint.split_keys(self.lightning_module, optimizers))
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A single file as Lightning reads it; a sharded directory's meta.pt, its tensors loaded once the model is
+        split (`setup`, `load_optimizer_state_dict`). Its "state_dict" holds meta tensors of the saved shapes, for
+        the module's model check."""
+        if not sharded_checkpoint.is_sharded(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        self._sharded_resume = Path(checkpoint_path)
+        shapes = sharded_checkpoint.saved_shapes(checkpoint_path)
+        state = {k.removeprefix("state_dict/"): torch.empty(v, device="meta") for k, v in shapes.items()
+                 if k.startswith("state_dict/")}  # fmt: skip
+        return {**sharded_checkpoint.read_meta(checkpoint_path), "state_dict": state}
+
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        """Full weights into the sharded model: each rank takes its W slice."""
-        if not self._sharded():
+        """Full weights into the split model (each rank takes its rows); a sharded checkpoint loads in `setup`."""
+        if self._sharded_resume is not None:
+            if self._split():
+                sharded_checkpoint.load_module(self._sharded_resume, self.lightning_module)
+            return
+        if not self._split():
             return super().load_model_state_dict(checkpoint, strict=strict)
         load_full_state_dict(self.lightning_module, checkpoint["state_dict"])
 
-    def _sharded_params(self, optimizer: torch.optim.Optimizer) -> dict[int, ShardedCapsLayer]:
-        """Optimizer state index (torch's numbering over param_groups) -> the sharded layer owning that W."""
-        owner = {id(layer.weight): layer for layer in self._sharded()}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return {i: owner[id(p)] for i, p in enumerate(params) if id(p) in owner}
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer state with full moments of every sharded W (a collective), like a one-process run's."""
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        state = optimizer.state_dict()
-        for index, layer in self._sharded_params(optimizer).items():
-            if index in state["state"]:  # new dicts: the packed state shares its entries with the live optimizer
-                state["state"][index] = {
-                    k: layer.gather_rows(v) if torch.is_tensor(v) and v.shape == layer.weight.shape else v
-                    for k, v in state["state"][index].items()
-                }
-        return state
-
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        """Slice the full moments of every sharded W back to this rank's rows."""
+        """This rank's rows of the moments of every split tensor, from a sharded directory or a full file."""
+        if self._sharded_resume is not None:
+            optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+            sharded_checkpoint.load_optimizers(self._sharded_resume, self.lightning_module, optimizers)
+            return
         states = []
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=False):
             state = {**state, "state": dict(state["state"])}
-            for index, layer in self._sharded_params(optimizer).items():
-                full = (layer.n_in, *layer.weight.shape[1:])
+            for index, split in optimizer_splits(self.lightning_module, optimizer).items():
+                full = (split.rows, *split.param.shape[1:])
                 if index in state["state"]:
                     state["state"][index] = {
-                        k: v[layer.lo : layer.hi] if torch.is_tensor(v) and v.shape == full else v
+                        k: v[split.lo : split.hi] if torch.is_tensor(v) and v.shape == full else v
                         for k, v in state["state"][index].items()
                     }
             states.append(state)

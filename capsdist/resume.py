@@ -24,6 +24,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from capsdist import CapsdistError
 from capsdist.checkpoint import MODEL_ARGS
 from capsdist.module import CheckpointMismatchError
+from capsdist.sharded_checkpoint import read_meta
 
 _STARTED = time.time()  # this process's start (the import of the training CLI): older temp files are stale
 JOB_FILE = "slurm_job"  # in the run folder: the SLURM job (array task) id that owns it, for automatic requeue
@@ -102,9 +103,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint memory-mapped and ``weights_only``; a torn or foreign file is a one-paragraph error."""
+    """Load a checkpoint memory-mapped and ``weights_only``; a torn or foreign file is a one-paragraph error. A
+    sharded checkpoint directory gives its meta.pt (everything but the tensors)."""
     path = Path(path)
     try:
+        if path.is_dir():
+            return read_meta(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... for damaged files
         raise ResumeError(
@@ -115,9 +119,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_files(root: str | Path) -> list[Path]:
-    """Every ``*.ckpt`` under the run folder (hpc_ckpt_N at its top, the others in checkpoints/)."""
+    """Every ``*.ckpt`` under the run folder (hpc_ckpt_N at its top, the others in checkpoints/): files, and
+    directories (sharded checkpoints)."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*.ckpt") if p.is_file()) if root.is_dir() else []
+    return sorted(p for p in root.rglob("*.ckpt") if p.is_file() or p.is_dir()) if root.is_dir() else []
 
 
 def newest(root: str | Path) -> tuple[Path, int] | None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.checkpoint import load_trained
+from capsdist.sharded_checkpoint import main, read_full
 from tests.conftest import REPO, TINY_MODEL
 from tests.scale_probe import train_env, write_yaml
 
@@ -33,7 +35,8 @@ def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str, strat
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A single-file checkpoint, or a sharded directory read whole."""
+    return read_full(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_close(ours: dict, theirs: dict) -> None:
@@ -45,8 +48,9 @@ def _assert_close(ours: dict, theirs: dict) -> None:
 @pytest.mark.slow
 def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     """2 steps (batches of 8) with 1 process and with 2 capsule-parallel processes (each rank the full batch): the
-    same weights and Adam moments, saved full. Resumed from that checkpoint to step 4 by 2 sharded processes
-    (moments of the sharded W re-sliced) and by 1 process: the same weights. It loads into a plain CapsNet."""
+    same weights and Adam moments, saved sharded (a directory). Resumed from it to step 4 by 2 capsule-parallel
+    processes (`--ckpt_path last`) and, converted to one file, by 1 process: the same weights. evaluate's loader
+    reads the directory into a plain CapsNet."""
     single = _load(_fit(tmp_path, "single", 1, 2))
     first = _fit(tmp_path, "sharded", 2, 2)
     sharded = _load(first)
@@ -56,17 +60,18 @@ def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly
     for index, state in single["optimizer_states"][0]["state"].items():
         _assert_close(moments[index], state)
 
-    alone = _load(_fit(tmp_path, "alone", 1, 4, f"--ckpt_path={first}"))
-    resumed = _load(_fit(tmp_path, "sharded", 2, 4, f"--ckpt_path={first}"))
+    assert first.is_dir()  # sharded: each rank wrote its rows (capsdist.sharded_checkpoint)
+    one_file = tmp_path / "one.ckpt"
+    main(["convert", str(first), str(one_file)])
+    alone = _load(_fit(tmp_path, "alone", 1, 4, f"--ckpt_path={one_file}"))
+    resumed = _load(_fit(tmp_path, "sharded", 2, 4, "--ckpt_path=last"))
     assert resumed["global_step"] == alone["global_step"] == 4
     _assert_close(resumed["state_dict"], alone["state_dict"])
     assert (resumed["state_dict"]["model.caps.0.weight"] != sharded["state_dict"]["model.caps.0.weight"]).any()
 
-    from capsdist.module import CapsNetModule
-
-    module = CapsNetModule.load_from_checkpoint(tmp_path / "sharded" / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert type(module.model.caps[0]).__name__ == "CapsLayer"  # a plain CapsNet, strict load, one process
-    assert torch.isfinite(module(torch.rand(2, 1, 28, 28))).all()
+    trained = load_trained(tmp_path / "sharded" / "checkpoints" / "last.ckpt")  # what evaluate/figures load
+    assert type(trained.model.caps[0]).__name__ == "CapsLayer"  # a plain CapsNet, strict load, one process
+    assert trained.global_step == 4 and torch.isfinite(trained.model(torch.rand(2, 1, 28, 28)).lengths).all()
 
 
 

@@ -18,6 +18,7 @@ CONFIG_STACKS = [
     ["multimnist.yaml"],
     ["multimnist.yaml", "multimnist_onthefly.yaml"],
     ["large.yaml"],
+    ["large_cpu.yaml"],
     *[["large.yaml", f"strategy/{p.name}"] for p in sorted((REPO / "configs/strategy").glob("*.yaml"))],
 ]
 # what makes any config quick on CPU: the tiny model and data settings, two steps, one validation batch
@@ -97,7 +98,7 @@ def _replace(argv: list[str], flag: str, value: str) -> list[str]:
 
 def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Each documented command runs: for real where it is quick (tiny overrides), else through its full parser."""
-    from capsdist import bench, evaluate, figures, report
+    from capsdist import bench, evaluate, figures, report, sharded_checkpoint
     from data_prep import mnist, multimnist
 
     commands = readme_commands()
@@ -140,6 +141,8 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
         elif module == "capsdist.report":  # the fixture's run folder stands in for runs/ablation/*
             report.main([str(checkpoint.parents[1]), *(a for a in argv if a.startswith("--"))])
             assert capsys.readouterr().out.startswith("| run | routing iterations |")
+        elif module == "capsdist.sharded_checkpoint":  # needs a sharded run: tests/integration/test_large_run.py
+            sharded_checkpoint.parser().parse_args(argv)
         elif module == "pytest":
             continue  # the test command itself
         elif module == "venv":
