@@ -30,6 +30,7 @@ from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 
 from capsdist import CapsdistError, user_errors
 from capsdist.capsule_parallel import RowSplit, row_splits
+from capsdist.dcp_reader import SafeReader
 
 META = "meta.pt"
 TENSOR_KEYS = ("state_dict", "optimizer_states")
@@ -51,7 +52,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def saved_shapes(path: str | Path) -> dict[str, torch.Size]:
     """Every flat DCP key of a sharded checkpoint with the shape of its whole (unsplit) tensor."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = SafeReader(str(path)).read_metadata()
     return {key: md.size for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
 
 
@@ -172,7 +173,7 @@ def load(path: str | Path, targets: dict[str, torch.Tensor], splits: dict[str, R
             "with the model settings of the run that wrote it (its config.yaml), or start a fresh run."
         )
     with _quiet():
-        dcp.load(_dcp_dict(targets, splits), storage_reader=dcp.FileSystemReader(str(path)))
+        dcp.load(_dcp_dict(targets, splits), storage_reader=SafeReader(str(path)))
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -202,7 +203,7 @@ def load_module(path: str | Path, module: torch.nn.Module) -> None:
 def load_optimizers(path: str | Path, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
     """Load the optimizer states of a sharded checkpoint into the optimizers of ``module`` (this rank's rows of
     the moments of split parameters)."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = SafeReader(str(path)).read_metadata().state_dict_metadata
     meta = read_meta(path)
     by_param = {id(s.param): s for s in row_splits(module).values()}
     for i, optimizer in enumerate(optimizers):
@@ -229,10 +230,10 @@ def read_full(path: str | Path) -> dict[str, Any]:
             f"{path} is not a sharded checkpoint (no {META}); it was probably cut short during its save. Fix: pass a "
             "NAME.ckpt directory that training wrote completely (a .NAME.ckpt.tmp one is an unfinished save)."
         )
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = SafeReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items() if hasattr(md, "size")}
     with _quiet():
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), no_dist=True)
     return unflatten(tensors, read_meta(path))
 
 

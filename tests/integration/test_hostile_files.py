@@ -104,6 +104,30 @@ def test_planted_shard_setting_never_runs(cli: str, form: str, fitted: Path, tmp
     assert not marker.exists()
 
 
+class _Touch:
+    """Unpickled, runs ``touch path`` (what a planted DCP .metadata would do under plain pickle.load)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("how", [("capsdist.evaluate", "--ckpt"), ("capsdist.sharded_checkpoint", "convert")])
+def test_planted_sharded_checkpoint_never_runs(how: tuple[str, str], fitted: Path, tmp_path: Path) -> None:
+    """A NAME.ckpt/ directory (a sharded checkpoint) whose DCP .metadata pickle runs a command: refused, nothing
+    runs (DCP itself would unpickle it with plain pickle.load)."""
+    marker, planted = tmp_path / "MARKER", tmp_path / "planted.ckpt"
+    planted.mkdir()
+    torch.save({"hyper_parameters": {}, "global_step": 1}, planted / "meta.pt")
+    (planted / ".metadata").write_bytes(__import__("pickle").dumps(_Touch(marker)))
+    out = [str(tmp_path / "out.ckpt")] if how[1] == "convert" else ["--device", "cpu"]
+    done, _ = run(*how, str(planted), *out)
+    one_paragraph(done, "nothing in it was run")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("command", ["test", "predict", "fit"])
 def test_planted_shard_setting_is_never_read_by_training(command: str, fitted: Path, tmp_path: Path) -> None:
     """train test/predict/fit --ckpt_path never take data settings from the checkpoint: the planted spec is not
