@@ -72,7 +72,7 @@ def check_run(config: Mapping[str, Any]) -> None:
             "Fix: use --trainer.precision bf16-mixed or 32 on the CPU."
         )
     ckpt = config.get("ckpt_path")
-    special = ckpt in (None, "last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
+    special = ckpt in (None, "last", "best", "auto", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
     if not special and not Path(ckpt).is_file():
         raise ConfigError(
             f"--ckpt_path {ckpt}: no such file. Fix: pass a .ckpt that training wrote "
