@@ -25,9 +25,10 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist import CapsdistError
-from capsdist.resume import rewind_untrained
+from capsdist.resume import how_to_resume, rewind_untrained
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
 # the W&B summary of each metric: its best value over the run, not the last one logged
@@ -209,6 +210,8 @@ class InterruptCheckpoint(Checkpoint):
             return
         rewind_untrained(trainer)
         trainer.save_checkpoint(self.path)
+        rank_zero_info(f"capsdist: {type(exception).__name__} at step {trainer.global_step + 1}: saved {self.path}")
+        rank_zero_info(how_to_resume(trainer.default_root_dir))
 
 
 def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:

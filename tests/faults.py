@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import yaml
 
 
 class RaiseBeforeStep(pl.Callback):
@@ -22,10 +25,21 @@ class RaiseBeforeStep(pl.Callback):
             raise RuntimeError(f"planted failure in step {self.step}")
 
 
-def fault_config(path: Path, marker: Path, step: int) -> Path:
-    """A config snippet adding :class:`RaiseBeforeStep` to the trainer's callbacks."""
-    import yaml
+class KillRankOnce(pl.Callback):
+    """SIGKILL rank ``rank`` after step ``step`` in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0)."""
 
-    callback = {"class_path": "tests.faults.RaiseBeforeStep", "init_args": {"step": step, "marker": str(marker)}}
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Die at the chosen step, in the first attempt only."""
+        first = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        if first and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_config(path: Path, fault: str, **init_args: Any) -> Path:
+    """A config snippet adding the fault callback ``fault`` (a class of this module) to the trainer's callbacks."""
+    callback = {"class_path": f"tests.faults.{fault}", "init_args": init_args}
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
     return path
