@@ -179,7 +179,7 @@ class CapsCLI(PrivateOverrides):
         ckpt_path, how = self.plan
         with self._discard_lock_on_error():
             if ckpt_path is None:
-                outcome = how
+                outcome, config["ckpt_path"] = how, None  # `auto` on an empty folder included
             else:
                 path, step = resume.resolve(str(ckpt_path), root)
                 path = path.resolve()
