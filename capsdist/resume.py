@@ -330,3 +330,26 @@ class EpochPosition(Checkpoint):
         """A save at the step the fit stopped at mid-epoch records that batch's loop state."""
         if self.loops is not None and trainer.global_step == self.step:
             checkpoint["loops"] = copy.deepcopy(self.loops)
+
+
+def init_restarted_process_group(trainer: pl.Trainer) -> None:
+    """On a torchrun restart, join the default process group through keys of this attempt only.
+
+    torch 2.13's torchrun reuses its store across restarts, and a restarted rank can read the previous attempt's
+    gloo addresses (seen here: rank 0 dialling the dead rank's old port until connectFullMesh gives up, or a hang).
+    Lightning skips its own init when the group exists, so capsdist creates it under an attempt prefix first."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    strategy = trainer.strategy
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or trainer.world_size < 2:
+        return
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    backend = getattr(strategy, "process_group_backend", None) or ("nccl" if strategy.root_device.type == "cuda"
+                                                                     else "gloo")  # fmt: skip
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"capsdist/attempt_{restart}", store),
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+    )

@@ -196,6 +196,7 @@ class CapsCLI(PrivateOverrides):
                 outcome = f"{how} from {path} at step {step}"
         if self.lock is not None:
             self.lock.record_pid()
+        resume.init_restarted_process_group(self.trainer)
         if self.trainer.is_global_zero:
             resume.claim(root)
             open_wandb_run(self.trainer.loggers, root)

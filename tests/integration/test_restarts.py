@@ -66,7 +66,8 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
 
 
 def torchrun(root: Path, log: Path, *extra: str) -> int:
-    """`torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m capsdist.train fit ...` (gloo, workers on)."""
+    """`torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m capsdist.train fit ...` (gloo, loader workers
+    on, W&B offline)."""
     config = write_yaml(root.parent / "tiny.yaml", {"model": TINY_MODEL})
     args = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--config", str(config),
             "--data.source=mnist", "--data.batch_size=16", "--data.train_samples=1024", "--data.val_samples=32",
