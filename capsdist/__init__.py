@@ -29,13 +29,14 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def write_error(err: OSError) -> str:
     """One paragraph for an output that cannot be written (disk full, quota, read-only, no permission)."""
     return (
-        f"cannot write {err.filename or 'an output file'}: {err.strerror}. Fix: free space or choose a writable "
+        f"cannot write {err.filename or 'an output file'}: {err.strerror}. Fix: free space (or raise the file-size "
+        "limit, `ulimit -f`) or choose a writable "
         "folder (--trainer.default_root_dir for training, --out for data_prep and figures); finished files "
-        "there are complete (writes are atomic), so re-run once it is fixed."
+        "there are complete (writes are atomic), so re-run once it is fixed (training: `--ckpt_path last`)."
     )

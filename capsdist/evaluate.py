@@ -30,17 +30,22 @@ def inference_parser(description: str) -> ArgumentParser:
     return parser
 
 
-def is_command_or_url(value: Any) -> bool:
-    """A shard setting that runs a command (``pipe:``) or reaches a host (``scheme://``), in a string or list."""
-    values = value if isinstance(value, list | tuple) else [value]
-    return any(isinstance(v, str) and (v.strip().startswith("pipe:") or "://" in v) for v in values)
+SHARD_SETTINGS = ("train_shards", "val_shards", "test_shards")
 
 
 def checkpoint_defaults(trained: Trained, known: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(usable, refused) data settings saved in a checkpoint: they are data, never commands or URLs, so a
-    ``pipe:`` or URL stored there is refused (a planted ``pipe:`` would otherwise run here)."""
+    """(usable, refused) data settings saved in a checkpoint: they are data, so a shard setting that names a
+    ``pipe:`` command or a URL once expanded (braces, ``::``) is refused (a planted one would otherwise run here)."""
+    from capsdist.data.batch import DataError
+    from capsdist.data.shard_urls import shard_urls
+
     saved = {k: v for k, v in trained.data.items() if k in known}
-    refused = {k: v for k, v in saved.items() if is_command_or_url(v)}
+    refused = {}
+    for key in set(SHARD_SETTINGS) & set(saved):
+        try:
+            shard_urls(saved[key], local_only=True, origin=f"the checkpoint's saved data setting {key}")
+        except DataError as err:
+            refused[key] = err
     return {k: v for k, v in saved.items() if k not in refused}, refused
 
 
@@ -68,13 +73,9 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
     usable, refused = checkpoint_defaults(trained, first.data)
     parser.set_defaults({f"data.{k}": v for k, v in usable.items()})
     args = parser.parse_args(argv)
-    for key, value in refused.items():
-        if args.data[key] is None and (key != "train_shards" and args.data.source == "multimnist_shards"):
-            raise CapsdistError(
-                f"the checkpoint's saved data settings name {key} {value!r}: settings read from a checkpoint are "
-                f"data, never commands or URLs, so it is not used. Fix: pass --data.{key} yourself (a pipe: "
-                "command or URL you give is honoured), or --data.source multimnist_onthefly."
-            )
+    for key, err in refused.items():
+        if key == "val_shards" and args.data[key] is None and args.data.source == "multimnist_shards":
+            raise CapsdistError(f"{err} Here: --data.{key} SHARDS, or --data.source multimnist_onthefly.")
     datamodule = CapsDataModule(**args.data.as_dict())
     check_data_fits(trained, datamodule, args.data.source)
     datamodule.setup("validate")

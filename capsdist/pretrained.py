@@ -25,10 +25,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from capsdist import CapsdistError, user_errors
-from capsdist.checkpoint import MODEL_ARGS, Trained, load_trained
+from capsdist.checkpoint import MODEL_ARGS, ForgedSettings, Trained, build_model, load_trained
 from capsdist.model import CapsNet
 
 CONFIG_KEY = "capsnet_config"
+METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string")}  # metadata loading uses
 STORE_DTYPE = torch.float16
 
 
@@ -63,9 +64,8 @@ def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metad
     return path
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`)."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """A weights file's JSON-decoded, type-checked metadata and its tensors' shapes, without reading any tensor."""
     if not path.is_file():
         raise CapsdistError(
             f"no weights file at {path}. Fix: pass the path of a .safetensors file, e.g. "
@@ -74,15 +74,35 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-        tensors = load_file(str(path))
+            shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError, ValueError) as err:
         raise _bad_file(path, f"{type(err).__name__}: {str(err)[:160]}") from err
     if CONFIG_KEY not in raw:
         raise _bad_file(path, f"no {CONFIG_KEY!r} metadata")
-    meta = {k: json.loads(v) for k, v in raw.items()}
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            raise _bad_file(path, f"its metadata {key!r} is not JSON: {value[:80]!r}") from None
     config = meta[CONFIG_KEY]
     if not isinstance(config, dict) or not set(config) <= set(MODEL_ARGS):
-        raise _bad_file(path, f"{CONFIG_KEY} has unknown keys {sorted(set(config) - set(MODEL_ARGS))}")
+        wrong = sorted(set(config) - set(MODEL_ARGS)) if isinstance(config, dict) else f"a {type(config).__name__}"
+        raise _bad_file(path, f"{CONFIG_KEY} must be an object of CapsNet arguments, it has {wrong}")
+    for key, (kind, name) in METADATA_TYPES.items():
+        if key in meta and type(meta[key]) is not kind:
+            raise _bad_file(path, f"its metadata {key} {meta[key]!r} is not {name}")
+    return meta, shapes
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A weights file's float32 tensors and its JSON-decoded metadata (with a checked `capsnet_config`)."""
+    path = Path(path)
+    meta, _ = _read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _bad_file(path, f"{type(err).__name__}: {str(err)[:160]}") from err
     return {k: v.float() for k, v in tensors.items()}, meta
 
 
@@ -100,8 +120,12 @@ def init_from(model: CapsNet, path: str | Path) -> None:
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict[str, Any]]:
     """A float32 `CapsNet` in eval mode from a weights file, and the file's metadata (JSON-decoded)."""
+    meta, shapes = _read_header(Path(path))
+    try:
+        model = build_model(meta[CONFIG_KEY], shapes)  # checked, sized by the file: before any allocation
+    except ForgedSettings as err:
+        raise _bad_file(Path(path), f"it {err}") from None
     tensors, meta = read_weights(path)
-    model = CapsNet(**meta[CONFIG_KEY])
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
 from capsdist import CapsdistError, user_errors
+from capsdist.checkpoint import read_weights_only
+from capsdist.validate import bounded_yaml_load
 
 COLUMNS = {  # key -> markdown header
     "run": "run",
@@ -49,7 +48,7 @@ def trained_steps(run_dir: Path, rows: list[dict[str, str]]) -> int:
     (the CSV's step column is 0-based and, after a resume, not exact)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
-        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        return int(read_weights_only(last).get("global_step", 0))
     return int(max(_column(rows, "step"), default=-1)) + 1
 
 
@@ -65,7 +64,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} is not a capsdist run folder (it needs csv/version_*/metrics.csv and a config.yaml). "
             "Fix: pass the trainer.default_root_dir of a `python -m capsdist.train fit` run, e.g. runs/mnist."
         )
-    model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+    model = (bounded_yaml_load(config.read_text()) or {}).get("model", {})  # a run folder's file: bounded
     versions = [list(csv.DictReader(io.StringIO(path.read_text()))) for path in files]
     rows = [row for version in versions for row in version]
     val, test = _column(rows, "val/error"), _column(rows, "test/error")

@@ -11,12 +11,15 @@ the loader placement); the learning-rate settings may change and apply from the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import os
 import re
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from capsdist.checkpoint import MODEL_ARGS
 from capsdist.data.loader import ResumableLoader, check_state
 from capsdist.module import CheckpointMismatchError
 
+_STARTED = time.time()  # this process's start (the import of the training CLI): older temp files are stale
 JOB_FILE = "slurm_job"  # in the run folder: the launch (SLURM job, torchrun) that owns it, for automatic restarts
 # model settings a resumed run must share with its checkpoint (the rest, e.g. image logging, may change)
 IDENTITY_KEYS = (*MODEL_ARGS, "num_targets", "recon_weight")
@@ -47,10 +51,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file in the destination folder, fsync, then rename over ``path``.
 
     The temp file lives beside the target so the rename never crosses filesystems (a mounted runs/ stays
-    atomic), and a kill mid-write leaves the old file intact plus a ``.tmp`` that the next save replaces.
+    atomic); a kill mid-write leaves the old file intact plus a ``.tmp`` that the next save in that folder removes.
+    A full disk or a file-size limit leaves the old file intact and is the one-paragraph write error (exit 2),
+    not torch's ``inline_container.cc`` RuntimeError.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -59,14 +66,37 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints follow the umask like other files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(err)
+        if full is not None:  # torch wraps the write's OSError in a RuntimeError: user_errors' disk-full paragraph
+            raise OSError(full.errno, full.strerror, full.filename or str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a crash of the node
     finally:
         os.close(dir_fd)
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The out-of-space error (disk full, quota, file-size limit) behind ``err``, if any; the earliest one that
+    names a file when a save on the way out (interrupted.ckpt) failed like the first (cause/context chain)."""
+    found = None
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            found = err if found is None or err.filename else found
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove checkpoint temp files (``.NAME.ckpt.XXXX.tmp``) left in ``folder`` by a save killed mid-write: those
+    last written before this process started (a save in progress elsewhere keeps writing, so is newer)."""
+    for temp in folder.glob(".*.ckpt.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already (another rank's cleanup)
+            if temp.is_file() and temp.stat().st_mtime < _STARTED:
+                temp.unlink()
 
 
 def _umask() -> int:

@@ -40,7 +40,7 @@ from capsdist.run import (
 )
 from capsdist.runlock import RunLock, release_all
 from capsdist.stop import GracefulStop, fit_summary
-from capsdist.validate import check_argv, check_run
+from capsdist.validate import bound_config_loading, check_argv, check_run
 
 __all__ = ["CapsCLI", "CapsNetModule", "CheckpointMismatchError", "main"]
 
@@ -245,6 +245,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_known_warnings()
     with user_errors():
         check_argv(sys.argv[1:] if args is None else args)
+        bound_config_loading()
         try:
             CapsCLI(
                 CapsNetModule,

@@ -28,6 +28,12 @@ def _real(test: Callable[[float], bool], valid: str) -> tuple[Callable[[Any], bo
     return (lambda v: isinstance(v, int | float) and abs(v) < float("inf") and test(float(v))), valid
 
 
+def _counts(v: Any) -> bool:
+    """A list of integers >= 1."""
+    return isinstance(v, list | tuple) and all(type(x) is int and x >= 1 for x in v)
+
+
+MAX_ROUTING_ITERATIONS = 20  # the paper uses 1-3; at 1000 a step never finished
 MODEL_RULES = {
     "num_targets": _int(1),
     "recon_weight": _real(lambda v: v >= 0, "a number >= 0 (paper: 0.0005; 0 turns the term off)"),
@@ -36,13 +42,27 @@ MODEL_RULES = {
     "lr_decay_steps": _int(1),
     "min_lr": _real(lambda v: v >= 0, "a number >= 0"),
     "log_images_every_n_steps": _int(0),
-    "routing_iterations": _int(1),
+    "routing_iterations": _int(1, MAX_ROUTING_ITERATIONS),
     "image_size": _int(1),
     "num_classes": _int(2),
     "in_channels": _int(1),
+    "conv_channels": _int(1),
+    "conv_kernel": _int(1),
+    "primary_channels": _int(1),
+    "primary_dim": _int(1),
+    "primary_kernel": _int(1),
+    "primary_stride": _int(1),
+    "routing_chunk_size": _int(1),
+    "decoder_hidden": (_counts, "a list of integers >= 1 (paper: [512, 1024])"),
+    "caps_layers": (
+        lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(_counts(p) and len(p) == 2 for p in v),
+        "a list of [count, dim] pairs of integers >= 1, the last count = num_classes (default: [[10, 16]])",
+    ),
+    "detach_routing": (lambda v: type(v) is bool, "true or false"),
+    "reconstruction": (lambda v: type(v) is bool, "true or false"),
 }
 DATA_RULES = {
-    "batch_size": _int(1),
+    "batch_size": _int(1, 1 << 16),  # per rank; bounds what one batch (also one set by a file) allocates
     "num_workers": _int(0),
     "shuffle_buffer": _int(1),
     "train_batches_per_epoch": _int(1),
@@ -51,6 +71,9 @@ DATA_RULES = {
     "val_samples": _int(1),
     "max_shift": _int(0, 4),  # MNIST: the paper shifts by 2; more pushes strokes off the 28x28 canvas
 }
+_LIMIT = (lambda v: type(v) is int and v >= -1, "-1 (no limit) or an integer >= 0")
+TRAINER_RULES = {"max_steps": _LIMIT, "max_epochs": _LIMIT}
+RUN_RULES = {"checkpoint_every_n_steps": _int(0)}
 
 
 def check(section: str, settings: Mapping[str, Any], rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
@@ -58,7 +81,8 @@ def check(section: str, settings: Mapping[str, Any], rules: Mapping[str, tuple[C
     for name, (ok, valid) in rules.items():
         value = settings.get(name)
         if value is not None and not ok(value):
-            raise ConfigError(f"--{section}.{name} {value!r} is out of range: it must be {valid}.")
+            flag = f"{section}.{name}" if section else name
+            raise ConfigError(f"--{flag} {value!r} is out of range: it must be {valid}.")
 
 
 def check_run(config: Mapping[str, Any]) -> None:
@@ -71,6 +95,8 @@ def check_run(config: Mapping[str, Any]) -> None:
             f"--trainer.precision {precision} needs a GPU, and this run is on the CPU. "
             "Fix: use --trainer.precision bf16-mixed or 32 on the CPU."
         )
+    check("trainer", trainer, TRAINER_RULES)
+    check("", {"checkpoint_every_n_steps": config.get("checkpoint_every_n_steps")}, RUN_RULES)
     ckpt = config.get("ckpt_path")
     special = ckpt in (None, "last", "best", "auto", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
     if not special and not Path(ckpt).is_file():
@@ -78,17 +104,85 @@ def check_run(config: Mapping[str, Any]) -> None:
             f"--ckpt_path {ckpt}: no such file. Fix: pass a .ckpt that training wrote "
             "(runs/NAME/checkpoints/), `last` or `best`, or leave it out to start a fresh run."
         )
+    if not special and Path(ckpt).is_file():
+        from capsdist.checkpoint import read_weights_only  # a file Lightning's own load would refuse with a traceback
+
+        missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in read_weights_only(ckpt)]
+        if missing:
+            raise ConfigError(
+                f"--ckpt_path {ckpt} is not a checkpoint written by `python -m capsdist.train fit` (it lacks "
+                f"{', '.join(missing)}). Fix: pass a .ckpt from a run's checkpoints/ folder; weights exported as "
+                ".safetensors start a run with --model.init_weights."
+            )
 
 
 LINKED = {"model.image_size": "image size", "model.num_targets": "number of digits per image"}
 
 
 def check_argv(argv: list[str]) -> None:
-    """Refuse flags the data module sets (jsonargparse's own message names a `--data.*` flag that does not exist)."""
-    for arg in argv:
+    """Refuse flags the data module sets (jsonargparse's own message names a `--data.*` flag that does not exist)
+    and a ``--config`` file too large to be a config (read whole, it would parse for minutes)."""
+    for arg, value in zip(argv, [*argv[1:], ""], strict=True):
         key = arg.removeprefix("--").split("=", 1)[0]
+        path = Path(arg.split("=", 1)[1] if "=" in arg else value)
+        if key == "config" and path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(_too_large(f"--config {path}", path.stat().st_size))
         if key in LINKED:
             raise ConfigError(
                 f"--{key} is not a setting: the {LINKED[key]} comes from the data (MNIST: 28x28, one digit; "
                 "MultiMNIST: 36x36, two digits). Fix: drop the flag and choose the data with --data.source."
             )
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a capsdist config is a few KB
+MAX_CONFIG_NODES = 100_000  # YAML values once aliases are expanded (a 494-byte alias bomb reached 4.6 GB)
+
+
+def _too_large(what: str, size: int) -> str:
+    """The message for a config over MAX_CONFIG_BYTES."""
+    return (
+        f"{what} is {size:,} bytes; a config is refused above {MAX_CONFIG_BYTES:,} bytes (capsdist's are a few KB). "
+        "Fix: pass the config you meant (configs/*.yaml are examples), or split it into several --config files."
+    )
+
+
+def _expanded_nodes(node: Any, memo: dict[int, int], open_: set[int]) -> int:
+    """YAML values under ``node`` with every alias expanded, counted once per distinct node (no expansion)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise ConfigError("a YAML config refers to itself through an alias (&name ... *name inside it). Fix: drop it.")
+    open_.add(id(node))
+    children = node.value if isinstance(node.value, list) else []
+    flat = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
+    memo[id(node)] = 1 + sum(_expanded_nodes(c, memo, open_) for c in flat)
+    return memo[id(node)]
+
+
+def bounded_yaml_load(stream: str) -> Any:
+    """jsonargparse's YAML loader behind two bounds: size, and values once aliases are expanded ("billion laughs":
+    PyYAML's safe loader shares alias nodes, and whatever copies or dumps the result expands them)."""
+    import yaml
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
+
+    if len(stream) > MAX_CONFIG_BYTES:
+        raise ConfigError(_too_large("a YAML config", len(stream)))
+    try:
+        root = yaml.compose(stream, Loader=get_yaml_default_loader())
+        nodes = 0 if root is None else _expanded_nodes(root, {}, set())
+    except RecursionError:
+        raise ConfigError("a YAML config is nested too deeply to be one. Fix: pass the config you meant.") from None
+    if nodes > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"a YAML config expands to more than {MAX_CONFIG_NODES:,} values through its aliases (*name), like a "
+            '"billion laughs" bomb that would take all memory. Fix: pass the config you meant, without nested aliases.'
+        )
+    return yaml_load(stream)
+
+
+def bound_config_loading() -> None:
+    """Make every YAML value and config file jsonargparse reads (``--config``, ``--model cfg.yaml``) bounded."""
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader("yaml", bounded_yaml_load, (yaml.YAMLError,))

@@ -7,7 +7,8 @@ One job per module, imported in one direction (``data_prep`` imports these, neve
   - ``recipe``: the MultiMNIST overlay and the MNIST shift, as device-agnostic batched torch ops.
   - ``streams``: in-memory streams (MNIST, MultiMNIST on the fly); ``device``: MultiMNIST composed on a GPU.
   - ``shard_format``: the shard format (keys, geometry, version, encoder, decoder); ``shard_plan``: which samples
-    a shard holds; ``shards``: the shard reader (the only importer of webdataset).
+    a shard holds; ``shard_urls``: what a shard setting opens (expanded, bounded, checked); ``shards``: the
+    shard reader (these two import webdataset).
   - ``loader``: ``ResumableLoader`` and its checked resume state; ``modules``: one LightningDataModule per source.
 
 Names are exported lazily, so ``import capsdist.data.mnist`` pulls in neither Lightning nor webdataset.
@@ -29,7 +30,7 @@ _EXPORTS = {
     "ResumableLoader": "loader",
     "ShardStream": "shards",
     "SkipCounter": "shards",
-    "expand_shards": "shards",
+    "expand_shards": "shard_urls",
     "manifest_total": "shard_format",
     "BaseData": "modules",
     "MnistData": "modules",

@@ -305,7 +305,8 @@ class ShardData(BaseData):
     def train_dataloader(self) -> ResumableLoader:
         """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
         from capsdist.data.shard_format import manifest_total
-        from capsdist.data.shards import ShardStream, expand_shards  # webdataset only on this path
+        from capsdist.data.shard_urls import expand_shards
+        from capsdist.data.shards import ShardStream  # webdataset only on this path
 
         urls = expand_shards(self.train_shards, "train_shards")
         total = self.train_samples or manifest_total(urls)
@@ -323,7 +324,8 @@ class ShardData(BaseData):
 
     def _one_pass(self, shards: str | list[str] | None, batches: int | None, name: str) -> ResumableLoader:
         """One exact pass over `shards` (the setting `name`), split by rank then worker."""
-        from capsdist.data.shards import ShardStream, expand_shards
+        from capsdist.data.shard_urls import expand_shards
+        from capsdist.data.shards import ShardStream
 
         stream = ShardStream(
             expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,

@@ -33,6 +33,14 @@ MANIFEST = "manifest.json"
 IMAGE_KEYS = ("input.png", "digit0.png", "digit1.png")
 META_KEY = "meta.json"
 CANVAS = recipe.CANVAS  # every PNG is CANVAS x CANVAS, 8-bit grayscale
+MAX_MEMBER_BYTES = 1 << 20  # a sample's members are small (a 36x36 PNG: under 2 KB); larger ones are never read
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """A tar member over MAX_MEMBER_BYTES, passed over unread: a sample that needs it is corrupt."""
+
+    size: int
 
 # ------------------------------------------------------------------------------------------------ manifest
 
@@ -145,9 +153,11 @@ def inflate_png(data: bytes) -> bytes:
         elif not kind[0] & 32:  # an unknown critical chunk (PLTE, a second IHDR) changes the meaning
             raise ValueError(f"unexpected critical PNG chunk {kind!r}")
         pos = end + 4
-    raw = zlib.decompress(b"".join(idat))
-    if len(raw) != _ROW * CANVAS or max(raw[::_ROW]) > 4:
-        raise ValueError(f"PNG data of {len(raw)} bytes or a filter type > 4, not 36 rows of 1 + 36 bytes")
+    inflate = zlib.decompressobj()
+    raw = inflate.decompress(b"".join(idat), _ROW * CANVAS + 1)  # bounded by the image size: no zip bomb
+    if len(raw) != _ROW * CANVAS or not inflate.eof or max(raw[::_ROW]) > 4:
+        more = " or more" if inflate.unconsumed_tail else ""
+        raise ValueError(f"PNG data of {len(raw)} bytes{more} or a filter type > 4, not 36 rows of 1 + 36 bytes")
     return raw
 
 
@@ -196,6 +206,10 @@ def inflate_sample(sample: dict[str, Any]) -> _Inflated:
     if missing:
         present = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"sample {sample.get('__key__')!r} lacks {missing} (has {present})")
+    big = [k for k in (*IMAGE_KEYS, META_KEY) if isinstance(sample[k], TooLarge)]
+    if big:
+        raise ValueError(f"{sample['__key__']}.{big[0]} is {sample[big[0]].size:,} bytes, over the member cap of "
+                         f"{MAX_MEMBER_BYTES:,} (skipped unread)")  # fmt: skip
     labels = check_labels(json.loads(sample[META_KEY].decode())["labels"])  # UTF-8, as written
     return (*(_scanlines(sample[k]) for k in IMAGE_KEYS), labels)
 

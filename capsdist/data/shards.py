@@ -12,8 +12,8 @@ Corrupt samples are skipped, counted (over all workers) and logged at a bounded 
 one valid sample stops the run with a ``DataError`` naming the shards. Local shards are checked against the
 ``manifest.json`` beside them as they are read (sha256 and sample count; ``verify=False`` skips the hash).
 Worker streams are seeded by (seed, epoch, rank, logical worker): a resume is exact only for the same
-``num_workers`` and world size (``ResumableLoader`` refuses any other). This is the only module that imports
-webdataset.
+``num_workers`` and world size (``ResumableLoader`` refuses any other). This module and ``shard_urls`` (what a
+setting opens) are the only importers of webdataset.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import logging
 import random
 import re
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -33,57 +32,19 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
-from webdataset.gopen import gopen
 
 from capsdist.data import recipe
 from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
-from capsdist.data.shard_format import collate_inflated, inflate_sample, read_manifest
+from capsdist.data.shard_format import MAX_MEMBER_BYTES, TooLarge, collate_inflated, inflate_sample, read_manifest
+from capsdist.data.shard_urls import URL_TIMEOUT, open_shard
+from capsdist.data.shard_urls import expand_shards as expand_shards  # its home until this round; bench imports it here
 
 log = logging.getLogger(__name__)
 _TAR_BLOCK = 512
 _TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped like webdataset does
 _GZIP = b"\x1f\x8b"
-SHARD_SUFFIXES = ("*.tar", "*.tar.gz", "*.tgz")  # what a directory of shards is globbed for
-URL_TIMEOUT = 60.0  # seconds to connect to / stall on an http(s) shard (webdataset's curl retries for ~16 min)
 NO_SAMPLE_SECONDS = 300.0  # a worker with no valid sample for this long stops the run
 LOG_EVERY_S = 10.0  # after the first few, skip warnings are logged at most this often per process
-
-
-def expand_shards(spec: str | Sequence[str] | None, name: str = "train_shards/val_shards") -> list[str]:
-    """Shard URLs from paths, directories (their *.tar), brace patterns, URLs and ``pipe:`` commands."""
-    specs = [spec] if isinstance(spec, str) else list(spec or [])
-    urls: list[str] = []
-    for s in specs:
-        for url in wds.shardlists.expand_urls(str(s)):
-            if url.startswith("pipe:") or "://" in url:
-                urls.append(url)
-            elif Path(url).is_dir():
-                urls.extend(sorted(str(p) for pattern in SHARD_SUFFIXES for p in Path(url).glob(pattern)))
-            elif Path(url).is_file():
-                urls.append(url)
-            else:
-                raise DataError(
-                    f"shard {url!r} (from {s!r}) does not exist. Fix: point train_shards/val_shards at shards "
-                    "written by `python -m data_prep.multimnist --out DIR` (a directory, a brace pattern such as "
-                    "DIR/train-{000000..000059}.tar, a URL or a pipe: command)."
-                )
-    if not urls:
-        where = "no shard setting was given" if spec is None else f"no shards in {spec!r}"
-        raise DataError(
-            f"{where}. Fix: set {name} (--data.{name}) to shard files, a directory of them or a "
-            "brace pattern; create them with `python -m data_prep.multimnist --split train --out DIR ...`."
-        )
-    return urls
-
-
-def open_shard(url: str) -> Any:
-    """A binary stream of one shard: a local file, http(s) with a timeout (no endless retries), else webdataset's
-    gopen (``pipe:`` commands, s3://, gs://; only ever from the user's own settings, see capsdist.evaluate)."""
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=URL_TIMEOUT)
-    if url.startswith("pipe:") or "://" in url:
-        return gopen(url, "rb")
-    return open(url, "rb")
 
 
 class _Tap:
@@ -122,8 +83,17 @@ def _pax_path(records: bytes) -> bytes | None:
     return None
 
 
-def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream (ustar, pax, GNU long names), checksums verified.
+def _pass_over(stream: Any, size: int, header: bytes) -> None:
+    """Read and drop ``size`` bytes in 64 KiB blocks (a stream may be a pipe: no seek); short is a truncated shard."""
+    while size and (chunk := stream.read(min(size, 1 << 16))):
+        size -= len(chunk)
+    if size:
+        raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes | TooLarge]]:
+    """(name, data) of the regular files of a tar stream (ustar, pax, GNU long names), checksums verified; a member
+    over ``MAX_MEMBER_BYTES`` is passed over unread and its data is a ``TooLarge``.
 
     A lean stand-in for ``tarfile``'s stream mode; member data or a header cut short, or a stream ending without
     the end-of-archive blocks, is a truncated shard (an error), never a quiet end.
@@ -142,17 +112,23 @@ def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
         if int(header[148:156].strip(b"\0 "), 8) != sum(header.translate(None, b"\0")) - sum(header[148:156]) + 8 * 32:
             raise ValueError(f"bad tar header checksum: {header[:100].rstrip(bytes(1))!r}")
         size, kind = int(header[124:136].strip(b"\0 ") or b"0", 8), header[156:157]
-        data = stream.read(size + -size % _TAR_BLOCK)
-        if len(data) < size:
-            raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
+        if size > MAX_MEMBER_BYTES:  # passed over in blocks, never held whole; a sample that needs it is corrupt
+            if kind not in (b"0", b"\0", b"7"):
+                raise ValueError(f"a tar header member of {size:,} bytes (a hostile or broken shard)")
+            _pass_over(stream, size + -size % _TAR_BLOCK, header)
+            data = TooLarge(size)
+        else:
+            data = stream.read(size + -size % _TAR_BLOCK)[:size]
+            if len(data) < size:
+                raise ValueError(f"truncated shard: member {header[:100].split(bytes(1))[0]!r} is cut short")
         if kind in (b"x", b"L"):  # the next member's long name (pax "path" record, GNU ././@LongLink)
-            long_name = _pax_path(data[:size]) if kind == b"x" else data[:size].rstrip(b"\0")
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0")
         elif kind in (b"0", b"\0", b"7"):
             name = header[:100].split(b"\0", 1)[0]
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             name = long_name or (prefix + b"/" + name if prefix else name)
             long_name = None
-            yield name.decode("utf-8", "surrogateescape"), data[:size]
+            yield name.decode("utf-8", "surrogateescape"), data
 
 
 def tar_samples(url: str, stream: Any) -> Iterator[dict[str, Any]]:

@@ -24,10 +24,10 @@ FIT += ["--data.train_samples=64", "--data.val_samples=32"]
 
 # (flags added to a tiny `fit`, exit code, phrase of the message)
 FIT_CASES = [
-    (["--data.batch_size=0"], 2, "--data.batch_size 0 is out of range: it must be an integer >= 1"),
+    (["--data.batch_size=0"], 2, "--data.batch_size 0 is out of range: it must be an integer from 1 to 65536"),
     (["--data.batch_size=-4"], 2, "--data.batch_size -4 is out of range"),
     (["--data.batch_size=-1"], 2, "--data.batch_size -1 is out of range"),
-    (["--model.routing_iterations=0"], 2, "--model.routing_iterations 0 is out of range: it must be an integer >= 1"),
+    (["--model.routing_iterations=0"], 2, "--model.routing_iterations 0 is out of range: it must be an integer from 1"),
     (["--data.num_workers=-1"], 2, "--data.num_workers -1 is out of range: it must be an integer >= 0"),
     (["--model.lr_decay_steps=0"], 2, "--model.lr_decay_steps 0 is out of range"),
     (["--model.lr=-1"], 2, "--model.lr -1.0 is out of range: it must be a number > 0"),
@@ -91,7 +91,7 @@ def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit) as stop:
         cli.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.num_workers=0"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "never commands or URLs" in err and "--data.val_shards" in err
+    assert stop.value.code == 2 and "never a pipe: command or a URL" in err and "--data.val_shards" in err
     time.sleep(0.2)
     assert not planted.exists()
 
