@@ -189,8 +189,8 @@ class CapsCLI(PrivateOverrides):
                 strategy = self.trainer.strategy
                 world = getattr(strategy, "data_parallel_size", None) or self.trainer.world_size
                 workers = int(data.get("num_workers", 0))
-                resume.check_loader(checkpoint, world, workers, getattr(self.datamodule, "resume_needs_same_workers",
-                                                                        True))  # fmt: skip
+                same_workers = getattr(self.datamodule, "resume_needs_same_workers", False)  # in-memory: any count
+                resume.check_loader(checkpoint, world, workers, same_workers)
                 del checkpoint
                 config["ckpt_path"] = str(path)
                 outcome = f"{how} from {path} at step {step}"

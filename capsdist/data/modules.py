@@ -42,7 +42,6 @@ class BaseData(pl.LightningDataModule):
     source: ClassVar[str]
     image_size: ClassVar[int] = recipe.CANVAS  # input height/width, known before setup (for link_arguments)
     num_targets: ClassVar[int] = 2  # digits per image (K)
-    resume_needs_same_workers: ClassVar[bool] = False  # as its training stream's (checked before a resume)
 
     def __init__(
         self,
@@ -263,7 +262,7 @@ class ShardData(BaseData):
     """MultiMNIST from WebDataset shards written by ``python -m data_prep.multimnist`` (36x36, two targets)."""
 
     source = "multimnist_shards"
-    resume_needs_same_workers = True
+    resume_needs_same_workers = True  # as its stream's; capsdist.resume.check_loader reads it before a resume
 
     def __init__(
         self,
