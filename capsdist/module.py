@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist import CapsdistError
 from capsdist.checkpoint import MODEL_ARGS
@@ -154,16 +155,38 @@ class CapsNetModule(pl.LightningModule):
         """Fused Adam with exponential decay applied every step (the official code's schedule)."""
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=True)  # one kernel: ~15% of a CPU step
-        floor = hp.min_lr / hp.lr
-
-        def decay(step: int) -> float:
-            return max(hp.lr_decay ** (step / hp.lr_decay_steps), floor)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _decay(self, step: int) -> float:
+        """The learning-rate factor at ``step`` under the configured schedule."""
+        hp = self.hparams
+        return max(hp.lr_decay ** (step / hp.lr_decay_steps), hp.min_lr / hp.lr)
+
+    def _schedule_from_here(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with the configured schedule, not the checkpoint's: the scheduler keeps its step count, and the
+        base and current rates are recomputed from the configured lr settings (the same values when nothing
+        changed, so an unchanged resume stays exact). A change is said in the log."""
+        keys = ("lr", "lr_decay", "lr_decay_steps", "min_lr")
+        saved = checkpoint.get("hyper_parameters", {})
+        changed = {k: f"{saved[k]} -> {self.hparams[k]}" for k in keys if k in saved and saved[k] != self.hparams[k]}
+        schedulers, optimizers = checkpoint.get("lr_schedulers") or [], checkpoint.get("optimizer_states") or []
+        for scheduler, optimizer in zip(schedulers, optimizers, strict=False):
+            step = int(scheduler.get("last_epoch", 0))
+            scheduler["base_lrs"] = [self.hparams.lr for _ in scheduler.get("base_lrs", [])]
+            scheduler["_last_lr"] = [self.hparams.lr * self._decay(step) for _ in scheduler.get("_last_lr", [])]
+            for group in optimizer.get("param_groups", []):
+                group["initial_lr"], group["lr"] = self.hparams.lr, self.hparams.lr * self._decay(step)
+            if changed:
+                rank_zero_info(
+                    f"capsdist: learning-rate settings changed on resume ({changed}): the configured schedule "
+                    f"applies from step {step} on (learning rate now {self.hparams.lr * self._decay(step):.4g})"
+                )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model with a clear message instead of a size-mismatch wall."""
+        """Refuse a checkpoint of another model with a clear message instead of a size-mismatch wall; apply the
+        configured learning-rate schedule from the resume step."""
+        self._schedule_from_here(checkpoint)
         own = self.state_dict()
         theirs = checkpoint.get("state_dict", {})
         wrong = [

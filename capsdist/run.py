@@ -25,8 +25,10 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist import CapsdistError
+from capsdist.resume import how_to_resume, rewind_untrained
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
 # the W&B summary of each metric: its best value over the run, not the last one logged
@@ -86,20 +88,27 @@ def _has_api_key() -> bool:
 
 
 def _wandb_run_id(root: Path, resuming: bool) -> str | None:
-    """The W&B run id: WANDB_RUN_ID's (None: wandb reads it), the SLURM job's (a requeue keeps it), the stored one
-    when resuming with --ckpt_path, else a fresh one, stored in the run folder for later resumes."""
+    """The W&B run id: WANDB_RUN_ID's (None: wandb reads it), the stored one when the fit resumes (a requeue, a
+    torchrun restart, a resubmission with --ckpt_path), else the SLURM job's or a fresh one. Nothing is written
+    here (a refused fit writes nothing): :func:`open_wandb_run` stores it once the fit is accepted."""
     if os.environ.get("WANDB_RUN_ID"):
         return None
-    if job := os.environ.get("SLURM_JOB_ID"):
-        return f"{root.name}-slurm{job}"
     stored = root / RUN_ID_FILE
     if resuming and stored.is_file():
         return stored.read_text().strip()
-    run_id = secrets.token_hex(4)
-    if rank_zero_only.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        stored.write_text(run_id + "\n")
-    return run_id
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"{root.name}-slurm{job}"
+    return secrets.token_hex(4)
+
+
+def open_wandb_run(loggers: list[Logger], root: Path) -> None:
+    """Once a run is accepted (rank 0): W&B's folder, and the run id stored for later resumes of this folder."""
+    for logger in loggers:
+        if is_wandb(logger) and rank_zero_only.rank == 0:
+            if not os.environ.get("WANDB_DIR"):
+                (root / "wandb").mkdir(parents=True, exist_ok=True)
+            if logger.version:
+                (root / RUN_ID_FILE).write_text(f"{logger.version}\n")
 
 
 class RunWandbLogger(WandbLogger):
@@ -152,7 +161,6 @@ def run_loggers(root: Path, mode: str | None, project: str | None, resuming: boo
         # absolute: a W&B service shared with another process (WANDB_SERVICE inherited from a parent that logged)
         # would resolve a relative folder against its own working directory
         save_dir = str(root.resolve())
-        (root / "wandb").mkdir(parents=True, exist_ok=True)
     name = None if os.environ.get("WANDB_NAME") else root.name
     run_id = _wandb_run_id(root, resuming)
     keep_wandb_files_in(Path(os.environ.get("WANDB_DIR") or root) / "wandb")
@@ -211,19 +219,31 @@ class WallClock(Callback):
 
 
 class InterruptCheckpoint(Checkpoint):
-    """``interrupted.ckpt`` when fit crashes. Unlike Lightning's OnExceptionCheckpoint: never at step 0, never for
+    """``interrupted.ckpt`` when fit crashes. Unlike Lightning's OnExceptionCheckpoint: never before this process's
+    first step (a refused or failed start leaves nothing a later `--ckpt_path last` would take), never for
     a deliberate exit (a SystemExit such as capsdist.stop's, which saved already), never deleted afterwards (its
     teardown deletes the file, also after validate/test), and no silent "last" resume of fresh fits."""
 
     def __init__(self, path: str | Path) -> None:
         """``path``: the checkpoint file to write."""
         self.path = Path(path)
+        self.start: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the step this process started at (a resume's): a crash before the next one saves nothing."""
+        self.start = trainer.global_step
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Save the state reached, if fitting took an optimizer step."""
-        if isinstance(exception, SystemExit) or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+        """Save the state reached, if this process took an optimizer step; the loader state is that of the last
+        completed step (the batch a step failed on is not counted)."""
+        if isinstance(exception, SystemExit) or trainer.state.fn != TrainerFn.FITTING:
             return
+        if self.start is None or trainer.global_step <= self.start:
+            return
+        rewind_untrained(trainer)
         trainer.save_checkpoint(self.path)
+        rank_zero_info(f"capsdist: {type(exception).__name__} at step {trainer.global_step + 1}: saved {self.path}")
+        rank_zero_info(how_to_resume(trainer.default_root_dir))
 
 
 def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +35,11 @@ from capsdist.run import (
     WallClock,
     best_checkpoint,
     finish_wandb,
+    open_wandb_run,
     run_checkpoints,
     run_loggers,
 )
+from capsdist.runlock import RunLock, release_all
 from capsdist.stop import GracefulStop, fit_summary
 from capsdist.validate import bound_config_loading, check_argv, check_run
 
@@ -129,18 +133,18 @@ class CapsCLI(PrivateOverrides):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue."""
+        """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue; for
+        ``fit``, the run folder's lock (rank 0) and the resume plan, before anything is written."""
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or "runs/default")
         kwargs["default_root_dir"] = str(root)
         if hasattr(self.datamodule, "mnist_dir"):  # find (or download) MNIST before a run folder or W&B run exists
             mnist.resolve_dir(self.datamodule.mnist_dir)
-        if config.get("logger") in (None, True):
-            wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
-            resuming = self._get(self.config_init, "ckpt_path") is not None
-            kwargs["logger"] = run_loggers(root, *wandb, resuming=resuming)
+        default_loggers = config.get("logger") in (None, True)
+        if default_loggers:
+            kwargs["logger"] = False  # set below, once the resume plan says which W&B run this is
         callbacks = list(config.get("callbacks") or [])
-        self.checkpoint_dir = None
+        self.checkpoint_dir, self.position = None, resume.EpochPosition()
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             self.checkpoint_dir = root / "checkpoints"
             callbacks += run_checkpoints(self.checkpoint_dir, self._get(self.config_init, "checkpoint_every_n_steps"))
@@ -148,7 +152,7 @@ class CapsCLI(PrivateOverrides):
             callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
         if config.get("logger") is not False:  # `--trainer.logger false` trains without loggers
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks += [WallClock(), CapsuleDiagnostics()]
+        callbacks += [WallClock(), CapsuleDiagnostics(), self.position]
         callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
@@ -160,45 +164,78 @@ class CapsCLI(PrivateOverrides):
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = resume.AtomicCheckpointIO()  # every save: temp file beside it, fsync, rename
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        self.lock, self.plan = None, (ckpt_path, "")
+        if self.subcommand == "fit":
+            self.lock = RunLock(root).acquire() if trainer.global_rank == 0 else None
+            with self._discard_lock_on_error():
+                self.plan = resume.plan(ckpt_path, root)
+        if default_loggers:
+            wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
+            trainer.loggers = run_loggers(root, *wandb, resuming=self.plan[0] is not None)
+            if self.subcommand != "fit":
+                open_wandb_run(trainer.loggers, root)
         return trainer
+
+    @contextmanager
+    def _discard_lock_on_error(self) -> Iterator[None]:
+        """A refused fit leaves the folder as it found it: drop the lock and the lock file it created."""
+        try:
+            yield
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release(discard=True)
+            raise
 
     def before_fit(self) -> None:
         """Apply the resume rule (capsdist.resume) before anything is written: refuse a used run folder unless
-        resuming was asked for or this is the SLURM requeue of the job that owns it; say what happens."""
+        resuming was asked for or this is a restart of the launch that owns it, refuse a resume that would not be
+        exact; then take the folder (lock owner, W&B run, launch) and say what happens."""
         config, root = self.config_init[self.subcommand], Path(self.trainer.default_root_dir)
-        ckpt_path, requeued = config.get("ckpt_path"), False
-        files = resume.checkpoint_files(root)
-        if ckpt_path is None and files:
-            if not resume.job_id() or resume.owning_job(root) != resume.job_id():
-                raise resume.refuse_reused_folder(root, files)
-            ckpt_path, requeued = "last", True
-        if ckpt_path is None:
-            outcome = "a fresh run"
-        else:
-            path, step = resume.resolve(str(ckpt_path), root)
-            path = path.resolve()
-            model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
-            resume.check_identity(resume.read_checkpoint(path), path, model, data)
-            config["ckpt_path"] = str(path)
-            how = f"SLURM requeue of job {resume.job_id()}, resuming by itself" if requeued else "resuming"
-            outcome = f"{how} from {path} at step {step}"
+        ckpt_path, how = self.plan
+        with self._discard_lock_on_error():
+            if ckpt_path is None:
+                outcome, config["ckpt_path"] = how, None  # `auto` on an empty folder included
+            else:
+                path, step = resume.resolve(str(ckpt_path), root)
+                path = path.resolve()
+                checkpoint = resume.read_checkpoint(path)
+                model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
+                resume.check_identity(checkpoint, path, model, data)
+                strategy = self.trainer.strategy
+                world = getattr(strategy, "data_parallel_size", None) or self.trainer.world_size
+                workers = int(data.get("num_workers", 0))
+                same_workers = getattr(self.datamodule, "resume_needs_same_workers", False)  # in-memory: any count
+                resume.check_loader(checkpoint, world, workers, same_workers)
+                del checkpoint
+                config["ckpt_path"] = str(path)
+                outcome = f"{how} from {path} at step {step}"
+        if self.lock is not None:
+            self.lock.record_pid()
+        resume.init_restarted_process_group(self.trainer)
         if self.trainer.is_global_zero:
             resume.claim(root)
+            open_wandb_run(self.trainer.loggers, root)
         rank_zero_info(f"capsdist: run folder {root.resolve()}: {outcome}")
 
     def after_fit(self) -> None:
         """Save the final state as last.ckpt (it supersedes any hpc checkpoint) and print the outcome as one JSON
-        line (metrics, checkpoints)."""
+        line (metrics, checkpoints) and how to continue the run."""
         trainer = self.trainer
         last = None
-        if self.checkpoint_dir is not None and trainer.global_step > 0:
+        if self.checkpoint_dir is not None and self.position.trained:
             last = self.checkpoint_dir / "last.ckpt"
             trainer.save_checkpoint(last, weights_only=False)
-        if trainer.is_global_zero:
-            for stale in resume.stale_hpc(trainer.default_root_dir, trainer.global_step + 1) if last else []:
+        if trainer.is_global_zero and self.checkpoint_dir is not None:
+            # hpc files older than the state kept: last.ckpt, or (nothing left to train) the one resumed from
+            for stale in resume.stale_hpc(trainer.default_root_dir, trainer.global_step + (1 if last else 0)):
                 stale.unlink(missing_ok=True)
+        if trainer.is_global_zero:
             print(fit_summary(trainer, last_checkpoint=str(last) if last else None), flush=True)
+            rank_zero_info(resume.how_to_resume(trainer.default_root_dir, finished=True))
         finish_wandb(trainer)
+        if self.lock is not None:
+            self.lock.release()
 
     def after_validate(self) -> None:
         """Close the W&B run."""
@@ -232,17 +269,20 @@ def main(args: list[str] | None = None) -> None:
         args = shipped.resolve_config_args(args)
         check_argv(args)
         bound_config_loading()
-        CapsCLI(
-            CapsNetModule,
-            CapsDataModule,
-            save_config_callback=LoggedConfig,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            parser_kwargs={"allow_abbrev": False, "prog": prog("capsdist.train"), "epilog": CONFIGS_EPILOG},
-            load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
-            auto_configure_optimizers=False,  # the paper's schedule is the module's; see --optimizer's refusal
-            args=args,
-        )
+        try:
+            CapsCLI(
+                CapsNetModule,
+                CapsDataModule,
+                save_config_callback=LoggedConfig,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=0,
+                parser_kwargs={"allow_abbrev": False, "prog": prog("capsdist.train"), "epilog": CONFIGS_EPILOG},
+                load_from_checkpoint_support=False,  # a mismatching checkpoint is an error, not a silent config swap
+                auto_configure_optimizers=False,  # the paper's schedule is the module's; see --optimizer's refusal
+                args=args,
+            )
+        finally:
+            release_all()  # the run folder's lock; in-process callers (tests, notebooks) may fit there again
 
 
 if __name__ == "__main__":

@@ -10,24 +10,29 @@ set -euo pipefail
 if [[ -n "${CAPSDIST_ACTIVATE:-}" ]]; then source "${CAPSDIST_ACTIVATE}"; fi
 config=${1:?usage: sbatch [sbatch options] slurm/<template>.sbatch CONFIG.yaml [--run_name NAME] [overrides...]}
 shift
-# The run folder is per experiment: job name plus a hash of the config files and overrides (or --run_name),
-# plus the array task; a requeue of the job computes the same folder and resumes there.
-args=() run_name=""
+# The run folder is per experiment: job name plus a hash of what defines it, the config files' contents and the
+# overrides (or --run_name), plus the array task. Resume flags and the budget are not part of it: the same sbatch
+# line plus `--ckpt_path last` (or a larger --trainer.max_steps/max_epochs/max_time) finds the same folder, and a
+# requeue of the job computes it again and resumes there.
+args=() defining=() run_name=""
 while (($#)); do
   case "$1" in
     --run_name=*) run_name=${1#--run_name=} ;;
     --run_name) run_name=${2:?--run_name needs a value}; shift ;;
-    *) args+=("$1") ;;
+    --ckpt_path=* | --trainer.max_steps=* | --trainer.max_epochs=* | --trainer.max_time=*) args+=("$1") ;;
+    --ckpt_path | --trainer.max_steps | --trainer.max_epochs | --trainer.max_time)
+      args+=("$1" "${2:?$1 needs a value}"); shift ;;
+    *) args+=("$1") defining+=("$1") ;;
   esac
   shift
 done
 if [[ -z "${run_name}" ]]; then
   files=("${config}")
-  for ((i = 0; i < ${#args[@]}; i++)); do
-    if [[ "${args[i]}" == --config ]]; then files+=("${args[i + 1]:-}"); fi
-    if [[ "${args[i]}" == --config=* ]]; then files+=("${args[i]#--config=}"); fi
+  for ((i = 0; i < ${#defining[@]}; i++)); do
+    if [[ "${defining[i]}" == --config ]]; then files+=("${defining[i + 1]:-}"); fi
+    if [[ "${defining[i]}" == --config=* ]]; then files+=("${defining[i]#--config=}"); fi
   done
-  run_hash=$( (cat "${files[@]}" && printf '%s\n' "${args[@]+"${args[@]}"}") | sha256sum | cut -c1-8)
+  run_hash=$( (cat "${files[@]}" && printf '%s\n' "${defining[@]+"${defining[@]}"}") | sha256sum | cut -c1-8)
   run_name="${SLURM_JOB_NAME}-${run_hash}"
 fi
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then run_name="${run_name}-task${SLURM_ARRAY_TASK_ID}"; fi

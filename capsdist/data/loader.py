@@ -9,7 +9,8 @@ matches, else at 0. The epoch is read at ``iter()`` time (``epoch_fn``, e.g. the
 length, so Lightning does not prefetch past the batch it trains on: ``batches`` is exactly the number of batches
 trained on when the checkpoint was written.
 
-When a resume is exact (anything else is refused by ``load_state_dict`` with a ``DataError``):
+When a resume is exact (anything else is refused with a ``DataError``: by ``capsdist.resume.check_loader`` before
+the fit writes anything, and again by ``load_state_dict``):
   - the world size must be the one the state was taken with (each rank's share of the data depends on it);
   - in-memory streams (MNIST, MultiMNIST on the fly) are exact for any ``num_workers``: batch ``j`` is a pure
     function of (seed, epoch, rank, j), whichever worker makes it;
@@ -100,35 +101,40 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` at the next ``iter()``; refuse a state this loader cannot resume exactly."""
-        version = state.get("version")
-        if version is not None:
-            self._check(state, int(version))
+        if state.get("version") is not None:
+            needs = getattr(self.dataset, "resume_needs_same_workers", True)
+            check_state(state, self._world_size(), self.num_workers, needs, type(self.dataset).__name__)
         self._pending = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
-    def _check(self, state: dict[str, Any], version: int) -> None:
-        """Raise DataError unless resuming ``state`` here reproduces the interrupted run batch for batch."""
-        if version != STATE_VERSION:
-            raise DataError(
-                f"the checkpoint's data-loader state has version {version}; this capsdist reads version "
-                f"{STATE_VERSION}. Fix: resume with the capsdist version that wrote the checkpoint, or start a "
-                "fresh run (load only the weights) instead of --ckpt_path."
-            )
-        kind = type(self.dataset).__name__
-        if state["world_size"] != self._world_size():
-            raise DataError(
-                f"the checkpoint was taken at world size {state['world_size']} and this run has "
-                f"{self._world_size()}: each rank's share of the {kind} data depends on it, so the resumed epoch "
-                f"would not continue where it stopped. Fix: resume with {state['world_size']} processes in all "
-                "(trainer.devices x trainer.num_nodes), or start a fresh run instead of --ckpt_path."
-            )
-        needs_workers = getattr(self.dataset, "resume_needs_same_workers", True)
-        if needs_workers and state["num_workers"] != self.num_workers:
-            raise DataError(
-                f"the checkpoint was taken with num_workers={state['num_workers']} and this run has "
-                f"num_workers={self.num_workers}: {kind} seeds its shard draws and shuffle per worker, so the "
-                f"resumed epoch would not continue where it stopped. Fix: resume with "
-                f"--data.num_workers {state['num_workers']}, or start a fresh run instead of --ckpt_path."
-            )
+    def rewind(self, batches: int) -> None:
+        """Un-count the last ``batches`` handed out: they were fetched but never trained on (a failed step)."""
+        self.batches = max(0, self.batches - batches)
+
+
+def check_state(state: dict[str, Any], world_size: int, num_workers: int, needs_same_workers: bool, kind: str) -> None:
+    """Raise DataError unless resuming ``state`` with this placement reproduces the interrupted run batch for
+    batch (``kind`` names the data in the message)."""
+    version = int(state["version"])
+    if version != STATE_VERSION:
+        raise DataError(
+            f"the checkpoint's data-loader state has version {version}; this capsdist reads version "
+            f"{STATE_VERSION}. Fix: resume with the capsdist version that wrote the checkpoint, or start a "
+            "fresh run (load only the weights) instead of --ckpt_path."
+        )
+    if state["world_size"] != world_size:
+        raise DataError(
+            f"the checkpoint was taken at world size {state['world_size']} and this run has {world_size}: each "
+            f"rank's share of the {kind} data depends on it, so the resumed epoch would not continue where it "
+            f"stopped. Fix: resume with {state['world_size']} processes in all (trainer.devices x "
+            "trainer.num_nodes), or start a fresh run instead of --ckpt_path."
+        )
+    if needs_same_workers and state["num_workers"] != num_workers:
+        raise DataError(
+            f"the checkpoint was taken with num_workers={state['num_workers']} and this run has "
+            f"num_workers={num_workers}: the {kind} data seeds its shard draws and shuffle per worker, so the "
+            f"resumed epoch would not continue where it stopped. Fix: resume with "
+            f"--data.num_workers {state['num_workers']}, or start a fresh run instead of --ckpt_path."
+        )
 
 
 class PlainIterable:

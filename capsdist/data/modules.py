@@ -262,6 +262,7 @@ class ShardData(BaseData):
     """MultiMNIST from WebDataset shards written by ``python -m data_prep.multimnist`` (36x36, two targets)."""
 
     source = "multimnist_shards"
+    resume_needs_same_workers = True  # as its stream's; capsdist.resume.check_loader reads it before a resume
 
     def __init__(
         self,
