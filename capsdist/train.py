@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from capsdist import CapsdistError, resume, user_errors
+from capsdist import CapsdistError, resume, signals, user_errors
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.guards import fault_callbacks
@@ -207,6 +207,7 @@ class CapsCLI(PrivateOverrides):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
+    signals.install()  # first: a stop during the slow setup is recorded, not fatal (capsdist.signals)
     quiet_known_warnings()
     with user_errors():
         check_argv(sys.argv[1:] if args is None else args)
