@@ -36,7 +36,8 @@ class RankProbe(pl.Callback):
         self, out_dir: str, pause_at_step: int | None = None, pause_timeout: float = 120.0, pause_in: str = "train"
     ) -> None:
         """``out_dir``: where the JSON records and the pause/resume marker files go; ``pause_in``: hold after the
-        training batch of ``pause_at_step`` ("train"), or in the first validation batch at that step ("val")."""
+        training batch of ``pause_at_step`` ("train"), in the first validation batch at that step ("val"), or before
+        the first training step ("start", with ``pause_at_step`` 0)."""
         self.out_dir = Path(out_dir)
         self.pause_at_step, self.pause_timeout, self.pause_in = pause_at_step, pause_timeout, pause_in
         self.run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -46,6 +47,11 @@ class RankProbe(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Digest every training sample of this rank."""
         self.train += [tensor_digest(image) for image in batch["image"]]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold before the first step if asked."""
+        if self.pause_in == "start":
+            self._hold(trainer, pl_module)
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int, dataloader_idx: int = 0
