@@ -243,6 +243,18 @@ def _one_wandb_run(root: Path) -> list[dict]:
     return rows
 
 
+def _requeued_to_completion(cluster: SlurmCluster, tmp: Path, name: str, job: int, out: Path, *stop: str) -> str:
+    """Hold both ranks, stop the job with ``stop``; it must requeue once and complete with no FAILED line in
+    sacct (the batch script exits 0 on a routine requeue). Returns the job log."""
+    held_then(cluster, job, out, 2, *stop)
+    state = cluster.wait_for_state(job, [], timeout=240)
+    lines, log = sacct(cluster, job), job_log(tmp, name, job)
+    print("\n".join(["sacct:", *lines]))
+    assert state == "COMPLETED", log[-4000:]
+    assert states(lines) == ["REQUEUED", "COMPLETED"] and not any("FAILED" in line for line in lines)
+    return log
+
+
 @pytest.mark.parametrize("where", ["train", "val"])
 def test_requeue_with_loader_workers_and_wandb(
     slurm_cluster: SlurmCluster, uninterrupted: dict, tmp_path: Path, where: str
@@ -256,12 +268,7 @@ def test_requeue_with_loader_workers_and_wandb(
     step = PAUSE_AT if where == "train" else STEPS_PER_EPOCH
     probe = probe_config(tmp_path / "p.yaml", out, pause_at_step=step, pause_in=where)
     job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", f"--run_name={where}")
-    held_then(slurm_cluster, job, out, 2, "scontrol", "requeue", str(job))
-    state = slurm_cluster.wait_for_state(job, [], timeout=240)
-    lines, log = sacct(slurm_cluster, job), job_log(tmp_path, name, job)
-    print("\n".join(["sacct:", *lines]))
-    assert state == "COMPLETED", log[-4000:]
-    assert states(lines) == ["REQUEUED", "COMPLETED"] and not any("FAILED" in line for line in lines)
+    log = _requeued_to_completion(slurm_cluster, tmp_path, name, job, out, "scontrol", "requeue", str(job))
     during = "during validation, " if where == "val" else ""
     assert f"SIGTERM -> {during}saved {tmp_path}/runs/{where}/hpc_ckpt_1.ckpt at step {step}" in log
     assert f"resuming by itself from {tmp_path}/runs/{where}/hpc_ckpt_1.ckpt at step {step}" in log
@@ -285,12 +292,7 @@ def test_usr1_before_the_first_step_requeues_and_trains(slurm_cluster: SlurmClus
     name, out = "capsdist-early", tmp_path / "probe"
     probe = probe_config(tmp_path / "p.yaml", out, pause_at_step=0, pause_in="start")
     job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", "--run_name=early")
-    held_then(slurm_cluster, job, out, 2, "scancel", "--signal=USR1", str(job))
-    state = slurm_cluster.wait_for_state(job, [], timeout=240)
-    lines, log = sacct(slurm_cluster, job), job_log(tmp_path, name, job)
-    print("\n".join(["sacct:", *lines]))
-    assert state == "COMPLETED", log[-4000:]
-    assert states(lines) == ["REQUEUED", "COMPLETED"] and not any("FAILED" in line for line in lines)
+    log = _requeued_to_completion(slurm_cluster, tmp_path, name, job, out, "scancel", "--signal=USR1", str(job))
     assert "nothing new to save (no step taken)" in log and log.count("a fresh run") == 2
     assert {r["global_step"] for r in records(out, 1)} == {MAX_STEPS}
     _one_wandb_run(tmp_path / "runs" / "early")
