@@ -91,11 +91,13 @@ def test_usr1_to_batch_shell_requeues_and_resumes_exactly(
 
 @pytest.fixture(scope="module")
 def sigterm_requeued(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A job held at PAUSE_AT and requeued with `scontrol requeue` (SIGTERM, as preemption and node failure)."""
+    """A job held at PAUSE_AT and requeued with `scontrol requeue` (SIGTERM, as preemption and node failure), with
+    the defaults users run: 2 loader workers per rank and W&B offline (SIGTERM reaches the workers and W&B's
+    service too)."""
     tmp, name = tmp_path_factory.mktemp("sigterm"), "capsdist-term"
     out = tmp / "probe"
     job = submit(slurm_cluster, tmp, name, probe_config(tmp / "p.yaml", out, pause_at_step=PAUSE_AT),
-                  "--run_name=term")  # fmt: skip
+                 "--run_name=term", "--data.num_workers=2")  # fmt: skip
     held_then(slurm_cluster, job, out, 2, "scontrol", "requeue", str(job))
     state = slurm_cluster.wait_for_state(job, [], timeout=240)
     return {"tmp": tmp, "name": name, "job": job, "state": state, "out": out, "sacct": sacct(slurm_cluster, job)}
@@ -104,13 +106,16 @@ def sigterm_requeued(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempP
 def test_sigterm_requeue_resumes_where_it_stopped(
     slurm_cluster: SlurmCluster, uninterrupted: dict, sigterm_requeued: dict
 ) -> None:
-    """SIGTERM saves at the next step boundary (inside KillWait); SLURM requeues; the restart resumes from that
-    step by itself and ends with the uninterrupted weights."""
+    """SIGTERM saves at the next step boundary (inside KillWait), loader workers and W&B untouched; SLURM
+    requeues (no FAILED line in sacct); the restart resumes from that step by itself and ends with the
+    uninterrupted weights; one W&B run, every segment finished, history through the last step."""
     run, log = sigterm_requeued, job_log(sigterm_requeued["tmp"], sigterm_requeued["name"], sigterm_requeued["job"])
     print("\n".join(["sacct:", *run["sacct"]]))
     assert run["state"] == "COMPLETED", log[-4000:]
-    assert states(run["sacct"]) == ["REQUEUED", "COMPLETED"]
+    assert states(run["sacct"]) == ["REQUEUED", "COMPLETED"] and not any("FAILED" in line for line in run["sacct"])
     assert f"SIGTERM -> saved {run['tmp']}/runs/term/hpc_ckpt_1.ckpt at step {PAUSE_AT}" in log
+    assert "killed by signal" not in log and "Connection" not in log
+    _one_wandb_run(run["tmp"] / "runs" / "term")
     assert f"resuming by itself from {run['tmp']}/runs/term/hpc_ckpt_1.ckpt at step {PAUSE_AT}" in log
     _check_resumed(records(run["out"], 0), records(run["out"], 1), uninterrupted["records"])
     assert_nothing_left(slurm_cluster, run["job"], run["tmp"])
@@ -255,33 +260,25 @@ def _requeued_to_completion(cluster: SlurmCluster, tmp: Path, name: str, job: in
     return log
 
 
-@pytest.mark.parametrize("where", ["train", "val"])
-def test_requeue_with_loader_workers_and_wandb(
-    slurm_cluster: SlurmCluster, uninterrupted: dict, tmp_path: Path, where: str
-) -> None:
-    """The defaults users run: 2 loader workers per rank and W&B offline. `scontrol requeue` (SIGTERM to every
-    process of the step: workers and W&B's service too) during training, or during the validation at the end of
-    the first epoch: the ranks save the last training step, the job requeues (REQUEUED, then COMPLETED, no FAILED
-    line), the restart resumes there (redoing that validation) and ends with the uninterrupted weights; one W&B
-    run with history through the last step; nothing left."""
-    name, out = f"capsdist-{where}", tmp_path / "probe"
-    step = PAUSE_AT if where == "train" else STEPS_PER_EPOCH
-    probe = probe_config(tmp_path / "p.yaml", out, pause_at_step=step, pause_in=where)
-    job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", f"--run_name={where}")
+def test_requeue_during_validation_redoes_it(slurm_cluster: SlurmCluster, uninterrupted: dict, tmp_path: Path) -> None:
+    """`scontrol requeue` during the validation at the end of the first epoch, with 2 loader workers per rank and
+    W&B offline: the pass is abandoned and the last training step saved; the job requeues (no FAILED line), the
+    restart redoes that validation whole and ends with the uninterrupted weights and validation samples; one
+    W&B run with that validation and history through the last step; nothing left."""
+    name, out, step = "capsdist-val", tmp_path / "probe", STEPS_PER_EPOCH
+    probe = probe_config(tmp_path / "p.yaml", out, pause_at_step=step, pause_in="val")
+    job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", "--run_name=val")
     log = _requeued_to_completion(slurm_cluster, tmp_path, name, job, out, "scontrol", "requeue", str(job))
-    during = "during validation, " if where == "val" else ""
-    assert f"SIGTERM -> {during}saved {tmp_path}/runs/{where}/hpc_ckpt_1.ckpt at step {step}" in log
-    assert f"resuming by itself from {tmp_path}/runs/{where}/hpc_ckpt_1.ckpt at step {step}" in log
+    assert f"SIGTERM -> during validation, saved {tmp_path}/runs/val/hpc_ckpt_1.ckpt at step {step}" in log
+    assert f"resuming by itself from {tmp_path}/runs/val/hpc_ckpt_1.ckpt at step {step}" in log
     assert "killed by signal" not in log and "Connection" not in log
     first, second, reference = records(out, 0), records(out, 1), uninterrupted["records"]
     for rank in (0, 1):
         assert first[rank]["train"] + second[rank]["train"] == reference[rank]["train"]
         assert second[rank]["params"] == reference[rank]["params"]
-        if where == "val":  # the abandoned pass is redone whole: the second run validates like the reference
-            assert second[rank]["val"] == reference[rank]["val"]
-    rows = _one_wandb_run(tmp_path / "runs" / where)
-    if where == "val":
-        assert any("val/loss" in row and row.get("trainer/global_step") == step - 1 for row in rows)
+        assert second[rank]["val"] == reference[rank]["val"]  # the abandoned pass, redone whole, and the last
+    rows = _one_wandb_run(tmp_path / "runs" / "val")
+    assert any("val/loss" in row and row.get("trainer/global_step") == step - 1 for row in rows)
     assert_nothing_left(slurm_cluster, job, tmp_path)
 
 
