@@ -39,3 +39,16 @@ def write_error(err: OSError) -> str:
         "folder (--trainer.default_root_dir for training, --out for data_prep and figures); finished files "
         "there are complete (writes are atomic), so re-run once it is fixed."
     )
+
+
+def _is_training_cli() -> bool:
+    """Whether this process is `python -m capsdist.train` or the `capsdist-train` script."""
+    argv = getattr(sys, "orig_argv", [])
+    as_module = any(a == "-m" and b == "capsdist.train" for a, b in zip(argv, argv[1:], strict=False))
+    return as_module or sys.argv[0].rsplit("/", 1)[-1].startswith("capsdist-train")
+
+
+if _is_training_cli():  # before the seconds of torch/Lightning imports: a stop then is recorded, not fatal
+    from capsdist import signals
+
+    signals.install()
