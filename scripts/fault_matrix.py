@@ -7,8 +7,8 @@ Needs the SLURM packages (scripts/install_slurm.sh). Each cell submits slurm/sin
 the tiny config of tests/slurm_jobs.py and W&B offline, holds the ranks at a known step (tests/scale_probe.py),
 stops the job, and reports: the final state, the sacct lines, the step it resumed from, the steps lost, whether
 the final weights equal an uninterrupted run of the same strategy, whether W&B ended with one run id whose every
-segment finished with history through the last step, the seconds from the stop to the end of the stopped run,
-and any process left. CI runs a slice of it (tests/integration/test_preemption.py).
+segment finished with history through the last step, the seconds the save took and the job was down (the stopped
+run's end to the next run's start), and any process left. CI runs a slice of it (tests/integration/test_preemption.py).
 """
 
 from __future__ import annotations
@@ -76,16 +76,12 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
         "usr1_start": ["scancel", "--signal=USR1", str(job)],
         "scancel_resubmit": ["scancel", str(job)],
     }.get(stop)
-    started = time.monotonic()
     if command:
         cluster.run(*command)
     else:
         _kill_tasks(tmp)
     time.sleep(1)
     (out / "resume").touch()
-    while cluster.job_state(job).startswith("RUNNING") and time.monotonic() - started < 120:
-        time.sleep(0.2)
-    result["stop_s"] = round(time.monotonic() - started, 1)
     jobs = [job]
     if stop in ("scancel_resubmit", "kill9_resubmit"):
         cluster.wait_for_state(job, [], timeout=120)
@@ -94,6 +90,9 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     result["state"] = cluster.wait_for_state(jobs[-1], [], timeout=300)
     result["sacct"] = [line for j in jobs for line in sacct(cluster, j) if "." not in line.split("|")[0]]
     log = "".join(job_log(tmp, name, j) for j in jobs)
+    saves = re.findall(r"saved \S+ at step \d+ in ([\d.]+) s", log)
+    result["save_s"] = float(saves[0]) if saves else None  # from the stop request to the complete checkpoint
+    result["down_s"] = _downtime(result["sacct"])
     resumed = re.findall(r"resuming (?:by itself )?from \S+ at step (\d+)", log)
     result["resumed_from"] = int(resumed[-1]) if resumed else (0 if log.count("a fresh run") > 1 else None)
     result["steps_lost"] = None if result["resumed_from"] is None else step - result["resumed_from"]
@@ -104,6 +103,16 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     time.sleep(3)
     result["left"] = [p.name for p in Path("/proc").glob("[0-9]*") if _cwd_under(p, tmp)]
     return result
+
+
+def _downtime(lines: list[str]) -> float | None:
+    """Seconds between the end of the stopped run and the start of the run that finished (sacct Start/End)."""
+    from datetime import datetime
+
+    if len(lines) < 2:
+        return None
+    end, start = lines[0].split("|")[-1], lines[-1].split("|")[-2]
+    return (datetime.fromisoformat(start) - datetime.fromisoformat(end)).total_seconds()
 
 
 def _cwd_under(proc: Path, tmp: Path) -> bool:
