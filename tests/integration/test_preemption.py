@@ -232,9 +232,9 @@ def test_more_gpus_than_tasks_is_an_error(slurm_cluster: SlurmCluster, tmp_path:
     assert not (tmp_path / "runs").exists()
 
 
-def _one_wandb_run(root: Path) -> list[dict]:
+def _one_wandb_run(root: Path, last: int = MAX_STEPS) -> list[dict]:
     """The run folder's offline W&B files: one run id across all of them, each finished (exit record), the
-    history reaching MAX_STEPS. Returns the history rows of all segments."""
+    history reaching step ``last``. Returns the history rows of all segments."""
     from tests.wandb_records import finished_records, read_run, wandb_files
 
     files = wandb_files(root)
@@ -244,7 +244,7 @@ def _one_wandb_run(root: Path) -> list[dict]:
     runs = [read_run(f) for f in files]
     assert len({r["run"]["id"] for r in runs}) == 1, [r["run"]["id"] for r in runs]
     rows = [row for r in runs for row in r["history"]]
-    assert max(row.get("trainer/global_step", -1) for row in rows) >= MAX_STEPS - 1
+    assert max(row.get("trainer/global_step", -1) for row in rows) >= last - 1
     return rows
 
 
@@ -288,11 +288,12 @@ def test_usr1_before_the_first_step_requeues_and_trains(slurm_cluster: SlurmClus
     requeues, and the restart trains from step 0 to the end."""
     name, out = "capsdist-early", tmp_path / "probe"
     probe = probe_config(tmp_path / "p.yaml", out, pause_at_step=0, pause_in="start")
-    job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", "--run_name=early")
+    job = submit(slurm_cluster, tmp_path, name, probe, "--data.num_workers=2", "--run_name=early",
+                 "--trainer.max_steps=3")  # fmt: skip
     log = _requeued_to_completion(slurm_cluster, tmp_path, name, job, out, "scancel", "--signal=USR1", str(job))
     assert "nothing new to save (no step taken)" in log and log.count("a fresh run") == 2
-    assert {r["global_step"] for r in records(out, 1)} == {MAX_STEPS}
-    _one_wandb_run(tmp_path / "runs" / "early")
+    assert {r["global_step"] for r in records(out, 1)} == {3}
+    _one_wandb_run(tmp_path / "runs" / "early", last=3)
     assert_nothing_left(slurm_cluster, job, tmp_path)
 
 
