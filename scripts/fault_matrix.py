@@ -64,7 +64,9 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     if stop == "torchrun_restart":
         return result | {"state": "not run", "note": "needs the `resume` branch (TORCHELASTIC_RESTART_COUNT)"}
     where = {"requeue_val": "val", "usr1_start": "start"}.get(stop, "train")
-    step = {"val": STEPS_PER_EPOCH, "start": 0}.get(where, PAUSE_AT)
+    # capsule parallelism: both ranks read the same batches, so an epoch (and its validation) is twice as long
+    epoch = 2 * STEPS_PER_EPOCH if strategy == "capsule_parallel" else STEPS_PER_EPOCH
+    step = {"val": epoch, "start": 0}.get(where, PAUSE_AT)
     out, name = tmp / "probe", f"fm-{strategy}"
     args = [*STRATEGIES[strategy], f"--run_name={strategy}", "--checkpoint_every_n_steps=3"]
     probe = probe_config(tmp / "p.yaml", out, pause_at_step=step, pause_in=where)
