@@ -51,4 +51,4 @@ def _is_training_cli() -> bool:
 if _is_training_cli():  # before the seconds of torch/Lightning imports: a stop then is recorded, not fatal
     from capsdist import signals
 
-    signals.install()
+    signals.install(for_process=True)

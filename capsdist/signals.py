@@ -19,7 +19,7 @@ from typing import Any
 REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
-_state: dict[str, Any] = {"request": 0, "previous": {}}
+_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False}
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -29,17 +29,23 @@ def _record(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def install() -> None:
-    """Own the job's signals with the flag-only handler (idempotent; a no-op outside the main thread)."""
+def install(for_process: bool = False) -> None:
+    """Own the job's signals with the flag-only handler (idempotent; a no-op outside the main thread).
+    ``for_process``: for the rest of the process (the training CLI), so ``restore`` keeps them: the end-of-fit
+    work after the trainer's teardown must not die of a late USR1 either."""
     if threading.current_thread() is not threading.main_thread():
         return
+    _state["for_process"] = _state["for_process"] or for_process
     for sig in JOB_SIGNALS:
         if signal.getsignal(sig) is not _record and not (sig == signal.SIGINT and _state["request"]):
             _state["previous"].setdefault(sig, signal.signal(sig, _record))
 
 
 def restore() -> None:
-    """Put back the handlers that were there before ``install`` and forget any request."""
+    """Put back the handlers that were there before ``install`` and forget any request (in-process callers such
+    as tests fit again; not in the training CLI's own process)."""
+    if _state["for_process"]:
+        return
     for sig, previous in _state["previous"].items():
         signal.signal(sig, previous)
     _state["previous"].clear()
