@@ -52,3 +52,16 @@ def prog(module: str) -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = spec.name.removesuffix(".__main__") if spec else ""
     return f"python -m {name if name.startswith(('capsdist', 'data_prep')) else module}"
+
+
+def _is_training_cli() -> bool:
+    """Whether this process is `python -m capsdist.train` or the `capsdist-train` script."""
+    argv = getattr(sys, "orig_argv", [])
+    as_module = any(a == "-m" and b == "capsdist.train" for a, b in zip(argv, argv[1:], strict=False))
+    return as_module or sys.argv[0].rsplit("/", 1)[-1].startswith("capsdist-train")
+
+
+if _is_training_cli():  # before the seconds of torch/Lightning imports: a stop then is recorded, not fatal
+    from capsdist import signals
+
+    signals.install(for_process=True)

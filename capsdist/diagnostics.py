@@ -21,11 +21,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import grad_norm
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from capsdist.checkpoint import MODEL_ARGS
 from capsdist.images import to_pil
 from capsdist.metrics import topk_hits
+from capsdist.model import CapsNet
 from capsdist.routing import RoutingStats, attach_routing_stats
 from capsdist.run import is_wandb
 
@@ -156,21 +159,50 @@ class CapsuleDiagnostics(Callback):
 
     # ------------------------------------------------------------------ end of fit
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Send the paper's figures and the best/last checkpoints to W&B (rank 0)."""
-        wandb_logger = find_wandb(trainer)
-        if not self.every or wandb_logger is None or not trainer.is_global_zero:
+        """Send the paper's figures and the best/last checkpoints to W&B (rank 0), drawn by a plain CapsNet built
+        from the gathered weights: under FSDP or capsule parallelism the module's own model is sharded, and its
+        forward is a collective that rank 0 alone would wait in forever. Skipped when a stop was requested."""
+        wandb_logger = find_wandb(trainer)  # every rank has the logger objects; only rank 0 writes
+        if not self.every or wandb_logger is None:
+            return
+        if _stop_requested(trainer, pl_module):
+            rank_zero_info("capsdist: stop requested during the end-of-fit work: the figures are skipped")
+            return
+        loader = trainer.datamodule.val_dataloader() if trainer.datamodule else None
+        draw = loader is not None and pl_module.model.decoder is not None  # the figures are decoder pictures
+        model = plain_model(trainer, pl_module) if draw else None  # every rank takes part in the gather
+        if not trainer.is_global_zero:
             return
         import wandb
 
         from capsdist.figures import write_figures
 
-        loader = trainer.datamodule.val_dataloader() if trainer.datamodule else None
-        if loader is not None and pl_module.model.decoder is not None:  # the figures are decoder pictures
+        if model is not None:
             out_dir = Path(trainer.default_root_dir) / "figures"
             with torch.inference_mode():
-                paths = write_figures(pl_module.model.eval(), next(iter(loader)), out_dir)
+                paths = write_figures(model, next(iter(loader)), out_dir)
             log_wandb(trainer, {f"figures/{p.stem}": wandb.Image(str(p)) for p in paths})
         log_checkpoints(trainer, wandb_logger.experiment)
+
+
+def _stop_requested(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether any rank was asked to stop (capsdist.signals; one all-reduce, so every rank answers alike)."""
+    from capsdist import signals
+
+    local = torch.tensor(signals.request(), device=pl_module.device)
+    return bool(trainer.strategy.reduce(local, reduce_op="max"))
+
+
+def plain_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CapsNet | None:
+    """On rank 0, an unsharded CapsNet (CPU, eval mode) holding the module's full weights; None on the other ranks.
+    A collective under sharded strategies: every rank must call it."""
+    state = trainer.strategy.lightning_module_state_dict()  # full weights, gathered to rank 0 where sharded
+    if not trainer.is_global_zero:
+        return None
+    model = CapsNet(**{k: v for k, v in pl_module.hparams.items() if k in MODEL_ARGS})
+    prefix = "model."
+    model.load_state_dict({k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)})
+    return model.eval()
 
 
 def batch_images(batch: dict[str, torch.Tensor]) -> int:

@@ -187,8 +187,10 @@ class CapsNetModule(pl.LightningModule):
         """Refuse a checkpoint of another model with a clear message instead of a size-mismatch wall; apply the
         configured learning-rate schedule from the resume step."""
         self._schedule_from_here(checkpoint)
+        if "state_dict" not in checkpoint:  # FSDP's strategy popped it and loaded the weights itself, strictly
+            return
         own = self.state_dict()
-        theirs = checkpoint.get("state_dict", {})
+        theirs = checkpoint["state_dict"]
         wrong = [
             f"{name}: checkpoint {tuple(theirs[name].shape)} vs configured {tuple(tensor.shape)}"
             for name, tensor in own.items()

@@ -125,6 +125,16 @@ class RunWandbLogger(WandbLogger):
         """The run folder."""
         return self.root
 
+    @property
+    def experiment(self) -> Any:
+        """The W&B run; its service process is started shielded from the job's stop signals first
+        (capsdist.wandb_shield)."""
+        if self._experiment is None and rank_zero_only.rank == 0:
+            from capsdist import wandb_shield
+
+            wandb_shield.install()
+        return super().experiment
+
 
 _OUR_WANDB_DIRS: set[str] = set()  # the variables keep_wandb_files_in set (a later run in this process resets them)
 
@@ -168,11 +178,14 @@ def run_loggers(root: Path, mode: str | None, project: str | None, resuming: boo
     return loggers
 
 
-def finish_wandb(trainer: pl.Trainer) -> None:
-    """Close the W&B run on rank 0, so a later run in this process gets its own (no-op without W&B)."""
+def finish_wandb(trainer: pl.Trainer, preempting: bool = False, exit_code: int = 0) -> None:
+    """Close the W&B run on rank 0, so a later run in this process gets its own (no-op without W&B); a run that
+    stops to be resumed is marked preempting first, and its exit code recorded."""
     for logger in trainer.loggers:
-        if is_wandb(logger) and trainer.is_global_zero:
-            logger.experiment.finish()
+        if is_wandb(logger) and trainer.is_global_zero and logger._experiment is not None:
+            if preempting:
+                logger.experiment.mark_preempting()
+            logger.experiment.finish(exit_code=exit_code)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -1,25 +1,31 @@
 """How a fit stops early: SIGUSR1 (time limit), SIGTERM (preemption, requeue, scancel, node drain) and Ctrl-C.
 
-Every such stop is handled the same way: the signal handler only records it (no collective may run there: a
-rank interrupted mid-step would wait in it while another sits in the backward all-reduce); after the current
-training batch all ranks agree on the strongest request with one all-reduce, save one checkpoint together,
-finish W&B, print the summary line and leave before any validation pass, with an exit code that says why
-(:data:`EXIT_CODES`), so a supervisor never mistakes a stopped run for a finished one. On SIGUSR1 the job is
-requeued: by the batch script when it runs under capsdist's templates (they requeue on exit code 75 from the
-host, where ``scontrol`` exists even when the tasks run in a container), else by rank 0's ``scontrol requeue``.
-SIGTERM is never requeued from here: SLURM requeues preempted jobs itself, and a cancelled job must stay so.
+The handlers (capsdist.signals, installed first thing by the CLI) only record the request: no collective may run
+inside one (a rank interrupted mid-step would wait in it while another sits in the backward all-reduce). All
+ranks agree on the strongest request with one all-reduce at each point where a stop can be honoured, wherever
+the signal lands:
+  - after a training batch: save one checkpoint together, at that step;
+  - during validation (checked after every validation batch): abandon the pass and save the last completed
+    training step, marked so that the resumed run redoes that validation (:func:`_redo_validation`);
+  - before the first step (setup, sanity check, ``on_train_start``): nothing new to save; just leave;
+  - during the end-of-fit work: the final state is saved as usual, the optional figures are skipped.
+Then W&B is marked preempting and finished (its service survives the signal: capsdist.wandb_shield), the summary
+line printed, and the process exits with a code that says why (:data:`EXIT_CODES`), so a supervisor never
+mistakes a stopped run for a finished one. On SIGUSR1 the job is requeued: by the batch script when it runs
+under capsdist's templates (they requeue on the tasks' request from the host, where ``scontrol`` exists even when
+the tasks run in a container), else by rank 0's ``scontrol requeue``. SIGTERM is never requeued from here: SLURM
+requeues preempted jobs itself, and a cancelled job must stay so.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -27,11 +33,11 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from capsdist import signals
 from capsdist.resume import job_id, stale_hpc
 from capsdist.run import finish_wandb
+from capsdist.signals import INTERRUPT, REQUEUE, TERMINATE
 
-# request kinds in rising priority (ranks agree on the max): requeue (USR1 or the time-limit check), Ctrl-C, SIGTERM
-REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 # exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
 EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
 NAMES = {REQUEUE: "requeue (SIGUSR1 or time limit)", INTERRUPT: "Ctrl-C (SIGINT)", TERMINATE: "SIGTERM"}
@@ -54,7 +60,7 @@ def fit_summary(trainer: pl.Trainer, **extra: Any) -> str:
 
 
 class GracefulStop(pl.Callback):
-    """Turn USR1/TERM/INT into one checkpoint at a common step boundary and an exit code (module docstring).
+    """Turn USR1/TERM/INT into one checkpoint at a common boundary and an exit code (module docstring).
 
     ``interrupted``: where a stop outside SLURM saves; under SLURM the checkpoint is ``hpc_ckpt_N.ckpt`` in the
     run folder and older hpc files are deleted once it is complete. ``job_end``/``lead_s`` (the templates set
@@ -68,79 +74,96 @@ class GracefulStop(pl.Callback):
         env_end = os.environ.get("CAPSDIST_JOB_END", "")
         self.job_end = job_end if job_end is not None else (float(env_end) if env_end.isdigit() else None)
         self.lead_s = lead_s if lead_s is not None else float(os.environ.get("CAPSDIST_STOP_LEAD_S", "90"))
-        self.request = 0
         self.val_seconds = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        kind = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT}.get(signal.Signals(signum), TERMINATE)
-        self.request = max(self.request, kind)
-        if signum == signal.SIGINT:  # a second Ctrl-C stops at once (Lightning then saves nothing past step 0)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            previous = signal.signal(sig, self._on_signal)
-            self._previous.setdefault(sig, previous)
+        self.trained = False  # whether this process took a training step (else a stop has nothing new to save)
+        self._val_progress: dict | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Own the signals while fitting; Lightning then leaves SIGUSR1 alone."""
+        """Own the signals while fitting (the CLI installed them already; Lightning then leaves them alone)."""
         if stage == "fit":
-            self._install()
+            signals.install()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Lightning has registered its SIGTERM handler (a broadcast inside the handler) by now: replace it."""
-        self._install()
+        """Honour a stop that came during setup or the sanity check: leave before the first step."""
+        signals.install()
+        if request := self._agreed(trainer, pl_module):
+            self._stop(trainer, request, save=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Restore the handlers that were there before fit."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        """Restore the handlers that were there before (an in-process caller may fit again)."""
+        if stage == "fit":
+            signals.restore()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Time the validation pass (for the time-limit check)."""
+        """Time the validation pass (for the time-limit check) and remember its progress before the first batch."""
         self._val_started = time.monotonic()
+        self._val_progress = copy.deepcopy(trainer.fit_loop.epoch_loop.val_loop.batch_progress.state_dict())
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        """A stop during validation (or the sanity check) abandons the pass (class docstring)."""
+        if trainer.state.fn != "fit":
+            return
+        if request := self._agreed(trainer, pl_module):
+            self._stop(trainer, request, save=self.trained and not trainer.sanity_checking)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember how long validation took."""
         if not trainer.sanity_checking:
             self.val_seconds = time.monotonic() - self._val_started
+        self._val_progress = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """If any rank has a request (or time is short): save on all ranks, then stop with the request's code."""
+        self.trained = True
         if self.job_end is not None and self.job_end - time.time() < self.lead_s + self.val_seconds:
-            self.request = max(self.request, REQUEUE)
-        request = int(trainer.strategy.reduce(torch.tensor(self.request, device=pl_module.device), reduce_op="max"))
-        if request:
+            signals.raise_request(REQUEUE)
+        if request := self._agreed(trainer, pl_module):
             self._stop(trainer, request)
 
-    def _stop(self, trainer: pl.Trainer, request: int) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint written during validation resumes by redoing that validation pass."""
+        if self._val_progress is not None and not trainer.sanity_checking:
+            _redo_validation(checkpoint, self._val_progress)
+
+    @staticmethod
+    def _agreed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The strongest request of any rank (one all-reduce; every rank calls it at the same point)."""
+        local = torch.tensor(signals.request(), device=pl_module.device)
+        return int(trainer.strategy.reduce(local, reduce_op="max"))
+
+    def _stop(self, trainer: pl.Trainer, request: int, save: bool = True) -> None:
         started = time.monotonic()
         under_slurm = SLURMEnvironment.detect()
-        if under_slurm:  # Lightning's naming; rank 0 picks the number for everyone
+        path = None
+        if save and under_slurm:  # Lightning's naming; rank 0 picks the number for everyone
             hpc = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
             path = Path(trainer.strategy.broadcast(hpc)).resolve()
-        else:
+        elif save:
             path = self.interrupted.resolve()
-        trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
+        if path is not None:
+            trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
         code = EXIT_CODES[request]
         note = ""
         if trainer.is_global_zero:
-            for stale in stale_hpc(path.parent, trainer.global_step + 1) if under_slurm else []:
+            for stale in stale_hpc(path.parent, trainer.global_step + 1) if path and under_slurm else []:
                 if stale != path:
                     stale.unlink(missing_ok=True)
             if request == REQUEUE:
                 note, code = self._requeue(under_slurm)
+            where = "during validation, " if trainer.validating and not trainer.sanity_checking else ""
+            saved = f"saved {path} at step {trainer.global_step}" if path else "nothing new to save (no step taken)"
             rank_zero_info(
-                f"capsdist: {NAMES[request]} -> saved {path} at step {trainer.global_step} in "
-                f"{time.monotonic() - started:.1f} s; {note or 'exiting'} (exit code {code})"
+                f"capsdist: {NAMES[request]} -> {where}{saved} in {time.monotonic() - started:.1f} s; "
+                f"{note or 'exiting'} (exit code {code})"
             )
-            print(fit_summary(trainer, stopped=NAMES[request], checkpoint=str(path), exit_code=code), flush=True)
-        try:  # the step's SIGTERM also reaches W&B's service process; its loss must not turn into a crash
-            finish_wandb(trainer)
+            print(fit_summary(trainer, stopped=NAMES[request], checkpoint=str(path) if path else None,
+                              exit_code=code), flush=True)  # fmt: skip
+        try:  # W&B's service is shielded from the signal (capsdist.wandb_shield); a failure must not turn into a crash
+            finish_wandb(trainer, preempting=request != INTERRUPT, exit_code=code)
         except Exception as err:
             rank_zero_warn(f"capsdist: the W&B run was not finished cleanly ({err}); its local files are kept")
         raise TrainingStopped(code)
@@ -164,3 +187,14 @@ class GracefulStop(pl.Callback):
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         return f"`scontrol requeue {job}` -> {result.returncode} {result.stderr.strip()}", EXIT_CODES[REQUEUE]
 
+
+def _redo_validation(checkpoint: dict, before: dict) -> None:
+    """Mark a checkpoint saved mid-validation as "restarted mid evaluation, at its first batch": on resume Lightning
+    2.6 goes back into that validation pass (instead of skipping it as done) and, its per-pass counters reset,
+    runs it whole. ``before``: the validation loop's batch progress when the pass started."""
+    progress = copy.deepcopy(before)
+    for counter in ("total", "current"):
+        progress[counter]["ready"] = progress[counter]["completed"] + 1
+        progress[counter]["started"] = progress[counter]["completed"] + 1
+        progress[counter]["processed"] = progress[counter]["completed"]
+    checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"] = progress

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from capsdist import CapsdistError, prog, resume, shipped, user_errors
+from capsdist import CapsdistError, prog, resume, shipped, signals, user_errors
 from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
@@ -260,6 +260,7 @@ class CapsCLI(PrivateOverrides):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
+    signals.install()  # first: a stop during the slow setup is recorded, not fatal (capsdist.signals)
     quiet_known_warnings()
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["configs"]:  # `capsdist-train configs`: what --config NAME can name

@@ -2,10 +2,19 @@
 # Starts one training task per device with srun; Lightning's SLURMEnvironment reads rank and world size from
 # srun's variables and checks them against trainer.num_nodes/devices (set here from the allocation).
 # Stops (README "Scaling out"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
-# (capsdist.stop). This shell traps both and forwards them to the tasks, so `--signal=USR1@90`,
-# `--signal=B:USR1@90` and `scancel --signal=USR1 --batch` all work; when the tasks exit 75 (saved on SIGUSR1)
-# this shell, on the host where scontrol exists, requeues the job, and the requeue resumes by itself.
+# (capsdist.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
+# forwards it to the tasks through srun (all-task `--signal=USR1@N` works too, but also reaches loader workers
+# and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (exit 75) this shell, on
+# the host where scontrol exists, requeues the job (at most CAPSDIST_MAX_REQUEUES times) and exits 0, so the
+# routine requeue is not a FAILED line in sacct; a SIGTERM from SLURM (requeue, preemption) also ends it with 0.
 set -euo pipefail
+max_requeues=${CAPSDIST_MAX_REQUEUES:-20}
+if ((${SLURM_RESTART_COUNT:-0} > max_requeues)); then
+  echo "capsdist: error: job ${SLURM_JOB_ID} has been requeued ${SLURM_RESTART_COUNT} times, more than" \
+    "CAPSDIST_MAX_REQUEUES=${max_requeues}: not starting again. Fix: look at the earlier runs' logs; export" \
+    "CAPSDIST_MAX_REQUEUES=<n> (sbatch --export=ALL,...) to allow more." >&2
+  exit 3
+fi
 # Sites that start jobs with a bare environment (SBATCH_EXPORT=NONE) activate theirs here.
 if [[ -n "${CAPSDIST_ACTIVATE:-}" ]]; then source "${CAPSDIST_ACTIVATE}"; fi
 config=${1:?usage: sbatch [sbatch options] slurm/<template>.sbatch CONFIG.yaml [--run_name NAME] [overrides...]}
@@ -44,13 +53,19 @@ if ((gpus > 0 && gpus != SLURM_NTASKS_PER_NODE)); then
   exit 2
 fi
 # A login shell's leftovers must not point the ranks at another job's rendezvous: Lightning derives the address
-# from the node list and the port from the job id (15000 + its last 4 digits) unless CAPSDIST_MASTER_PORT is set.
+# from the node list. The port is one that is free on this (the first, rank 0's) node now, unless
+# CAPSDIST_MASTER_PORT is set: Lightning's own choice (15000 + the job id's last 4 digits) collides for two jobs
+# on one node whose ids end alike.
 unset MASTER_ADDR MASTER_PORT
-if [[ -n "${CAPSDIST_MASTER_PORT:-}" ]]; then export MASTER_PORT=${CAPSDIST_MASTER_PORT}; fi
-# The remaining-time check: stop (and requeue) before a validation pass that would end past the time limit.
+MASTER_PORT=${CAPSDIST_MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0))
+print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + SLURM_JOB_ID % 20000)))}
+export MASTER_PORT
+# The remaining-time check: stop (and requeue) before a validation pass that would end past the time limit. The
+# lead is the job's own --signal time (what the site or the user asked for), unless CAPSDIST_STOP_LEAD_S is set.
 end=$(squeue -h -j "${SLURM_JOB_ID}" -o %e 2>/dev/null || true)
 CAPSDIST_JOB_END=$(date -d "${end}" +%s 2>/dev/null || true)
-export CAPSDIST_JOB_END CAPSDIST_STOP_LEAD_S=${CAPSDIST_STOP_LEAD_S:-90} CAPSDIST_REQUEUE=batch
+signal_s=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'Signal=[A-Z0-9:]*@[0-9]*' | cut -d@ -f2 || true)
+export CAPSDIST_JOB_END CAPSDIST_STOP_LEAD_S=${CAPSDIST_STOP_LEAD_S:-${signal_s:-90}} CAPSDIST_REQUEUE=batch
 # Rank 0 (srun places it on this, the first, node) leaves this file when it saved for a requeue: the exit status
 # alone is not enough, srun reports the highest code of all tasks.
 export CAPSDIST_REQUEUE_MARK="${TMPDIR:-/tmp}/capsdist-requeue-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
@@ -62,9 +77,9 @@ srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${CAPSDIS
   -m capsdist.train fit --config "${config}" --trainer.num_nodes="${SLURM_NNODES}" \
   --trainer.devices="${SLURM_NTASKS_PER_NODE}" --trainer.default_root_dir="${root_dir}" \
   ${args[@]+"${args[@]}"} &
-tasks=$!
+tasks=$! terminated=""
 trap 'kill -USR1 "${tasks}" 2>/dev/null || true' USR1
-trap 'kill -TERM "${tasks}" 2>/dev/null || true' TERM
+trap 'terminated=1; kill -TERM "${tasks}" 2>/dev/null || true' TERM
 status=0
 while true; do  # a trapped signal interrupts `wait`; wait again until srun has really ended
   wait "${tasks}" && status=0 || status=$?
@@ -72,7 +87,15 @@ while true; do  # a trapped signal interrupts `wait`; wait again until srun has 
 done
 if [[ "${status}" == 75 || -f "${CAPSDIST_REQUEUE_MARK}" ]]; then
   rm -f "${CAPSDIST_REQUEUE_MARK}"
+  if ((${SLURM_RESTART_COUNT:-0} >= max_requeues)); then
+    echo "capsdist: error: the tasks saved for a requeue, but job ${SLURM_JOB_ID} was requeued" \
+      "${SLURM_RESTART_COUNT} times already (CAPSDIST_MAX_REQUEUES=${max_requeues}): resubmit it with" \
+      "--ckpt_path last" >&2
+    exit 75
+  fi
   echo "capsdist: the tasks saved and asked to be requeued: scontrol requeue ${SLURM_JOB_ID}"
-  scontrol requeue "${SLURM_JOB_ID}"
+  scontrol requeue "${SLURM_JOB_ID}" && exit 0
 fi
+# SLURM's own SIGTERM (requeue, preemption, scancel): the tasks saved; SLURM records the job's state itself
+if [[ -n "${terminated}" ]]; then exit 0; fi
 exit "${status}"

@@ -32,10 +32,14 @@ class RankProbe(pl.Callback):
     test creates ``out_dir/resume``, so a signal sent in between arrives at a known step.
     """
 
-    def __init__(self, out_dir: str, pause_at_step: int | None = None, pause_timeout: float = 120.0) -> None:
-        """``out_dir``: where the JSON records and the pause/resume marker files go."""
+    def __init__(
+        self, out_dir: str, pause_at_step: int | None = None, pause_timeout: float = 120.0, pause_in: str = "train"
+    ) -> None:
+        """``out_dir``: where the JSON records and the pause/resume marker files go; ``pause_in``: hold after the
+        training batch of ``pause_at_step`` ("train"), in the first validation batch at that step ("val"), or before
+        the first training step ("start", with ``pause_at_step`` 0)."""
         self.out_dir = Path(out_dir)
-        self.pause_at_step, self.pause_timeout = pause_at_step, pause_timeout
+        self.pause_at_step, self.pause_timeout, self.pause_in = pause_at_step, pause_timeout, pause_in
         self.run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self.train: list[str] = []
         self.val: list[str] = []
@@ -44,16 +48,27 @@ class RankProbe(pl.Callback):
         """Digest every training sample of this rank."""
         self.train += [tensor_digest(image) for image in batch["image"]]
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold before the first step if asked."""
+        if self.pause_in == "start":
+            self._hold(trainer, pl_module)
+
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int, dataloader_idx: int = 0
     ) -> None:
-        """Digest every validation sample of this rank."""
+        """Digest every validation sample of this rank (and hold in the first one at the pause step if asked)."""
         self.val += [tensor_digest(image) for image in batch["image"]]
+        if self.pause_in == "val" and idx == 0 and not trainer.sanity_checking:
+            self._hold(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         """In the first run, hold at ``pause_at_step`` until the test says resume."""
+        if self.pause_in == "train":
+            self._hold(trainer, pl_module)
+
+    def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run != 0 or trainer.global_step != self.pause_at_step:
             return
         self._write(trainer, pl_module)

@@ -27,6 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.data.batch import Batch, DataError
+from capsdist.signals import ignore_job_signals
 
 STATE_VERSION = 1
 
@@ -44,7 +45,15 @@ class ResumableLoader(DataLoader):
         """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
         # a stream may bound the wait for one batch (shards on a dead host); only worker processes can time out
         timeout = getattr(dataset, "loader_timeout", 0) if num_workers > 0 else 0
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, timeout=timeout)
+        # workers ignore the job's signals: slurmstepd sends them to every process, the main process owns the stop
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            timeout=timeout,
+            worker_init_fn=ignore_job_signals if num_workers > 0 else None,
+        )
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None
 

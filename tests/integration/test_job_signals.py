@@ -1,0 +1,106 @@
+"""What slurmstepd does to every process of a step, without SLURM: SIGTERM/SIGINT/SIGUSR1 to W&B's service and to
+the DataLoader workers. The run's W&B history must survive whole, and the workers must keep serving batches
+(the main process owns the stop: capsdist.signals, capsdist.wandb_shield)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.conftest import subprocess_env
+from tests.wandb_records import finished_records, read_run, wandb_files
+
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [d for c in map(int, children) for d in (c, *_descendants(c))]
+
+
+def _run(code: str, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """Start ``code`` in a Python subprocess; returns it once it printed "ready", with its descendants."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=subprocess_env(WANDB_MODE="offline"))  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, _descendants(proc.pid)
+
+
+def test_wandb_service_survives_the_job_signals(tmp_path: Path) -> None:
+    """The service capsdist starts (through RunWandbLogger) is shielded: SIGTERM, SIGINT and SIGUSR1 sent to it and
+    to its shim do nothing, every row logged before and after them is in the offline file, the run finishes
+    preempting, and the service leaves with the training process."""
+    proc, helpers = _run(
+        """
+        from pathlib import Path
+        from capsdist.run import RunWandbLogger
+        run = RunWandbLogger(Path("run"), save_dir=str(Path("run").resolve()), project="p").experiment
+        for i in range(50):
+            run.log({"i": i})
+        print("ready", flush=True)
+        input()
+        for i in range(50, 100):
+            run.log({"i": i})
+        run.mark_preempting()
+        run.finish(exit_code=143)
+        """,
+        tmp_path,
+    )
+    assert any(b"wandb-core" in Path(f"/proc/{p}/cmdline").read_bytes() for p in helpers), helpers
+    for pid in helpers:
+        for sig in JOB_SIGNALS:
+            os.kill(pid, sig)
+    proc.communicate("go\n", timeout=120)
+    assert proc.returncode == 0
+    (file,) = wandb_files(tmp_path / "run")
+    kinds = [r.WhichOneof("record_type") for r in finished_records(file.parent, 10)]
+    assert "preempting" in kinds and "exit" in kinds
+    assert [row["i"] for row in read_run(file)["history"]] == list(range(100))
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
+    """A ResumableLoader with 2 workers: the job's signals sent to the workers neither kill them nor reach the main
+    process as "DataLoader worker ... killed by signal"; the epoch completes with every batch."""
+    proc, workers = _run(
+        """
+        import json, torch
+        from torch.utils.data import IterableDataset
+        from capsdist.data.loader import ResumableLoader
+
+        class Numbers(IterableDataset):
+            num_batches = 6
+
+            def __iter__(self):
+                info = torch.utils.data.get_worker_info()
+                yield from range(info.id, self.num_batches, info.num_workers)
+
+        seen = []
+        for i, x in enumerate(ResumableLoader(Numbers(), num_workers=2)):
+            seen.append(int(x))
+            if i == 1:  # both workers have started (and run their worker_init_fn)
+                print("ready", flush=True)
+                input()
+        print(json.dumps(sorted(seen)), flush=True)
+        """,
+        tmp_path,
+    )
+    assert len(workers) == 2
+    for pid in workers:
+        for sig in JOB_SIGNALS:
+            os.kill(pid, sig)
+    out, _ = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0 and json.loads(out.splitlines()[-1]) == list(range(6))
