@@ -196,7 +196,8 @@ def _stop_requested(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
 def plain_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CapsNet | None:
     """On rank 0, an unsharded CapsNet (CPU, eval mode) holding the module's full weights; None on the other ranks.
     A collective under sharded strategies: every rank must call it."""
-    state = trainer.strategy.lightning_module_state_dict()  # full weights, gathered to rank 0 where sharded
+    # full weights, gathered to rank 0 (FSDP) or to every rank (capsule parallel, whose checkpoints hold rows)
+    state = getattr(trainer.strategy, "full_weights", trainer.strategy.lightning_module_state_dict)()
     if not trainer.is_global_zero:
         return None
     model = CapsNet(**{k: v for k, v in pl_module.hparams.items() if k in MODEL_ARGS})

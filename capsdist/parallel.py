@@ -188,6 +188,11 @@ class CapsuleParallelStrategy(DDPStrategy):
         kwargs = {**self._ddp_kwargs, "process_group": self._dp_group}
         return DistributedDataParallel(model, device_ids=self.determine_ddp_device_ids(), **kwargs)
 
+    def full_weights(self) -> dict[str, Any]:
+        """The whole weights in the unsplit layout on every rank, whatever ``state_dict_type`` (a collective: the
+        end-of-fit figures draw with a plain CapsNet)."""
+        return full_state_dict(self.lightning_module)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's weights (sharded checkpoints) or the whole weights gathered from the capsule group (full)."""
         if self.state_dict_type == "sharded":

@@ -34,7 +34,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist import signals
-from capsdist.resume import job_id, stale_hpc
+from capsdist.resume import how_to_resume, job_id, stale_hpc
 from capsdist.run import finish_wandb
 from capsdist.signals import INTERRUPT, REQUEUE, TERMINATE
 
@@ -162,6 +162,7 @@ class GracefulStop(pl.Callback):
             )
             print(fit_summary(trainer, stopped=NAMES[request], checkpoint=str(path) if path else None,
                               exit_code=code), flush=True)  # fmt: skip
+            rank_zero_info(how_to_resume(trainer.default_root_dir))  # a requeue resumes by itself; anything else
         try:  # W&B's service is shielded from the signal (capsdist.wandb_shield); a failure must not turn into a crash
             finish_wandb(trainer, preempting=request != INTERRUPT, exit_code=code)
         except Exception as err:
