@@ -4,11 +4,13 @@
     PYTHONPATH=$PWD python scripts/fault_matrix.py ddp:requeue_val     # one cell (strategy:stop)
 
 Needs the SLURM packages (scripts/install_slurm.sh). Each cell submits slurm/single_node.sbatch with 2 tasks,
-the tiny config of tests/slurm_jobs.py and W&B offline, holds the ranks at a known step (tests/scale_probe.py),
-stops the job, and reports: the final state, the sacct lines, the step it resumed from, the steps lost, whether
+the tiny config of tests/slurm_jobs.py and W&B offline (no --run_name: a resubmission is the same sbatch line plus
+`--ckpt_path last`), holds the ranks at a known step (tests/scale_probe.py), stops the job, and reports: the final state, the sacct lines, the step it resumed from, the steps lost, whether
 the final weights equal an uninterrupted run of the same strategy, whether W&B ended with one run id whose every
 segment finished with history through the last step, the seconds the save took and the job was down (the stopped
-run's end to the next run's start), and any process left. CI runs a slice of it (tests/integration/test_preemption.py).
+run's end to the next run's start), and any process left. The torchrun cells run the same config under
+`torchrun --standalone --nproc-per-node 2 --max-restarts 1` (tests/torchrun_jobs.py, no SLURM), kill -9 rank 1 at
+the pause step and report torchrun's exit code and the step the restart resumed from by itself. CI runs a slice of it (tests/integration/test_preemption.py).
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.scale_probe import probe_config, records, wait_paused
+from tests.scale_probe import probe_config, records, wait_paused, write_yaml
 from tests.slurm_cluster import SlurmCluster, missing_reason
-from tests.slurm_jobs import MAX_STEPS, PAUSE_AT, STEPS_PER_EPOCH, job_log, sacct, submit
+from tests.slurm_jobs import MAX_STEPS, PAUSE_AT, SLURM_CONFIG, STEPS_PER_EPOCH, job_log, sacct, submit
+from tests.torchrun_jobs import torchrun, torchrun_command, torchrun_env
 from tests.wandb_records import finished_records, read_run, wandb_files
 
 STRATEGIES = {
@@ -36,15 +40,19 @@ STRATEGIES = {
 STOPS = ["requeue_train", "requeue_val", "usr1_start", "scancel_resubmit", "kill9_resubmit", "torchrun_restart"]
 
 
-def _wandb(root: Path) -> bool:
-    """One W&B run id, every segment finished, history through the last step."""
+def _wandb(root: Path) -> dict:
+    """W&B under ``root``: one run id with history through the last step; every segment finished (exit record).
+    Judged apart: a segment killed by SIGKILL cannot finish, yet the run's id and history can go on."""
     files = wandb_files(root)
-    if not files:
-        return False
-    finished = all(any(r.WhichOneof("record_type") == "exit" for r in finished_records(f.parent, 10)) for f in files)
     runs = [read_run(f) for f in files]
     last = max((row.get("trainer/global_step", -1) for r in runs for row in r["history"]), default=-1)
-    return finished and len({r["run"]["id"] for r in runs}) == 1 and last >= MAX_STEPS - 1
+    ended = [any(r.WhichOneof("record_type") == "exit" for r in finished_records(f.parent, 10)) for f in files]
+    return {
+        "wandb_one_run": bool(files) and len({r["run"]["id"] for r in runs}) == 1 and last >= MAX_STEPS - 1,
+        "wandb_all_finished": bool(files) and all(ended),
+        "wandb_segments": len(files),
+        "wandb_last_step": last,
+    }
 
 
 def _kill_tasks(tmp: Path) -> None:
@@ -62,13 +70,14 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     tmp = Path(tempfile.mkdtemp(prefix=f"{strategy}-{stop}-", dir=base))
     result: dict = {"cell": f"{strategy}:{stop}"}
     if stop == "torchrun_restart":
-        return result | {"state": "not run", "note": "needs the `resume` branch (TORCHELASTIC_RESTART_COUNT)"}
+        return result | _torchrun_cell(tmp, strategy, reference)
     where = {"requeue_val": "val", "usr1_start": "start"}.get(stop, "train")
     # capsule parallelism: both ranks read the same batches, so an epoch (and its validation) is twice as long
     epoch = 2 * STEPS_PER_EPOCH if strategy == "capsule_parallel" else STEPS_PER_EPOCH
     step = {"val": epoch, "start": 0}.get(where, PAUSE_AT)
     out, name = tmp / "probe", f"fm-{strategy}"
-    args = [*STRATEGIES[strategy], f"--run_name={strategy}", "--checkpoint_every_n_steps=3"]
+    # no --run_name: the folder is the experiment's hash (slurm/launch.sh), which the resubmission must find again
+    args = [*STRATEGIES[strategy], "--checkpoint_every_n_steps=3"]
     probe = probe_config(tmp / "p.yaml", out, pause_at_step=step, pause_in=where)
     job = submit(cluster, tmp, name, probe, *args)
     wait_paused(out, 2, lambda: cluster.job_state(job) in ("PENDING", "RUNNING"))
@@ -87,8 +96,7 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     jobs = [job]
     if stop in ("scancel_resubmit", "kill9_resubmit"):
         cluster.wait_for_state(job, [], timeout=120)
-        again = probe_config(tmp / "p2.yaml", tmp / "probe2")
-        jobs.append(submit(cluster, tmp, name, again, *args, "--ckpt_path=last"))
+        jobs.append(submit(cluster, tmp, name, probe, *args, "--ckpt_path", "last"))  # the same line plus the flag
     result["state"] = cluster.wait_for_state(jobs[-1], [], timeout=300)
     result["sacct"] = [line for j in jobs for line in sacct(cluster, j) if "." not in line.split("|")[0]]
     log = "".join(job_log(tmp, name, j) for j in jobs)
@@ -98,13 +106,63 @@ def cell(cluster: SlurmCluster, base: Path, strategy: str, stop: str, reference:
     resumed = re.findall(r"resuming (?:by itself )?from \S+ at step (\d+)", log)
     result["resumed_from"] = int(resumed[-1]) if resumed else (0 if log.count("a fresh run") > 1 else None)
     result["steps_lost"] = None if result["resumed_from"] is None else step - result["resumed_from"]
-    final = records(tmp / "probe2") if len(jobs) > 1 else records(out, 1)
-    if final and reference.get(strategy):
-        result["weights_equal"] = [r["params"] for r in final] == [r["params"] for r in reference[strategy]]
-    result["wandb_one_finished_run"] = _wandb(tmp / "runs" / strategy)
+    # a resubmission is a new job (restart count 0): its records overwrite the stopped run's
+    final = records(out) if len(jobs) > 1 else records(out, 1)
+    result["folders"] = sorted(p.name for p in (tmp / "runs").iterdir())  # one: the resubmission found the folder
+    return result | _outcome(final, reference.get(strategy), tmp / "runs", tmp)
+
+
+def _outcome(final: list[dict], reference: list[dict] | None, runs: Path, tmp: Path) -> dict:
+    """Weights against the uninterrupted run, W&B, and the processes left under ``tmp``."""
+    result: dict = {}
+    if final and reference:
+        result["weights_equal"] = [r["params"] for r in final] == [r["params"] for r in reference]
+    result |= _wandb(runs)
     time.sleep(3)
     result["left"] = [p.name for p in Path("/proc").glob("[0-9]*") if _cwd_under(p, tmp)]
     return result
+
+
+def _torchrun_args(tmp: Path, strategy: str, probe: Path) -> list[str]:
+    """The SLURM cells' tiny config, the probe and the strategy, on top of tests/torchrun_jobs.py's command."""
+    config = write_yaml(tmp / "tiny-slurm.yaml", SLURM_CONFIG)
+    return ["--config", str(config), "--config", str(probe), *STRATEGIES[strategy], "--checkpoint_every_n_steps=3"]
+
+
+def _torchrun_cell(tmp: Path, strategy: str, reference: dict) -> dict:
+    """torchrun --max-restarts 1; kill -9 rank 1 while the ranks hold at PAUSE_AT; the restart resumes by itself."""
+    out, root, log = tmp / "probe", tmp / "run", tmp / "torchrun.log"
+    probe = probe_config(tmp / "p.yaml", out, pause_at_step=PAUSE_AT)
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(torchrun_command(root, *_torchrun_args(tmp, strategy, probe)), env=torchrun_env(),
+                                    stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)  # fmt: skip
+        wait_paused(out, 2, lambda: launcher.poll() is None)
+        killed = _kill_rank(launcher.pid, 1)
+        time.sleep(1)
+        (out / "resume").touch()
+        code = launcher.wait(timeout=600)
+    text = log.read_text(errors="replace")
+    resumed = re.findall(r"torchrun restart (\d+) .*?resuming by itself from \S+ at step (\d+)", text)
+    result: dict = {"state": f"exit {code}", "killed_pid": killed, "restarts": [int(n) for n, _ in resumed]}
+    result["resumed_from"] = int(resumed[-1][1]) if resumed else None
+    result["steps_lost"] = None if result["resumed_from"] is None else PAUSE_AT - result["resumed_from"]
+    if code != 0:
+        result["log_tail"] = text[-1500:]
+    return result | _outcome(records(out), reference.get(f"torchrun:{strategy}"), root, tmp)
+
+
+def _kill_rank(launcher: int, rank: int) -> int | None:
+    """kill -9 the training process of ``rank`` (a child of the launcher; not its loader workers); its pid."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    return None
 
 
 def _downtime(lines: list[str]) -> float | None:
@@ -124,10 +182,18 @@ def _cwd_under(proc: Path, tmp: Path) -> bool:
         return False
 
 
+def _torchrun_reference(base: Path, strategy: str) -> list[dict]:
+    """An uninterrupted torchrun run of the strategy: its final probe records."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{strategy}-torchrun-ref-", dir=base))
+    probe = probe_config(tmp / "p.yaml", tmp / "probe")
+    torchrun(tmp / "run", tmp / "torchrun.log", *_torchrun_args(tmp, strategy, probe), cwd=tmp)
+    return records(tmp / "probe")
+
+
 def _reference(cluster: SlurmCluster, base: Path, strategy: str) -> list[dict]:
     """An uninterrupted job of the strategy: its final probe records."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{strategy}-ref-", dir=base))
-    args = [*STRATEGIES[strategy], f"--run_name={strategy}", "--checkpoint_every_n_steps=3"]
+    args = [*STRATEGIES[strategy], "--checkpoint_every_n_steps=3"]
     job = submit(cluster, tmp, f"fm-{strategy}", probe_config(tmp / "p.yaml", tmp / "probe"), *args)
     cluster.wait_for_state(job, [], timeout=300)
     return records(tmp / "probe")
@@ -141,7 +207,9 @@ def main(argv: list[str]) -> None:
     base = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     cluster = SlurmCluster(base / "slurm").start()
     try:
-        reference = {s: _reference(cluster, base, s) for s in {s for s, _ in cells}}
+        reference = {s: _reference(cluster, base, s) for s in {s for s, t in cells if t != "torchrun_restart"}}
+        for s in {s for s, t in cells if t == "torchrun_restart"}:
+            reference[f"torchrun:{s}"] = _torchrun_reference(base, s)
         for strategy, stop in cells:
             try:
                 print(json.dumps(cell(cluster, base, strategy, stop, reference)), flush=True)

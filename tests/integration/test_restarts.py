@@ -19,6 +19,7 @@ import torch
 from tests.conftest import REPO, TINY, TINY_MODEL
 from tests.faults import fault_config
 from tests.scale_probe import probe_config, train_env, wait_paused, write_yaml
+from tests.torchrun_jobs import torchrun
 
 DATA = ["--data.train_samples=256", "--data.val_samples=32", "--wandb_mode=disabled"]
 
@@ -63,21 +64,6 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
     output = (tmp_path / "log").read_text()
     assert "--ckpt_path auto: resuming from" in output and "at step 2" in output, output[-3000:]
     assert json.loads([x for x in output.splitlines() if x.startswith("{")][-1])["global_step"] == 4
-
-
-def torchrun(root: Path, log: Path, *extra: str) -> int:
-    """`torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m capsdist.train fit ...` (gloo, loader workers
-    on, W&B offline)."""
-    config = write_yaml(root.parent / "tiny.yaml", {"model": TINY_MODEL})
-    args = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--config", str(config),
-            "--data.source=mnist", "--data.batch_size=16", "--data.train_samples=1024", "--data.val_samples=32",
-            "--data.num_workers=2", "--wandb_mode=offline", "--trainer.max_steps=12", "--checkpoint_every_n_steps=4",
-            "--trainer.enable_progress_bar=false", "--trainer.deterministic=true", f"--trainer.default_root_dir={root}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           "--monitor-interval=0.5", "-m", "capsdist.train", "fit", *args, *extra]  # fmt: skip
-    env = {k: v for k, v in train_env(WANDB_SILENT="true").items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    with log.open("w") as out:
-        return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600, cwd=REPO).returncode
 
 
 @pytest.mark.slow
