@@ -3,14 +3,15 @@
     PYTHONPATH=$PWD python scripts/fault_matrix.py                     # the whole matrix (~30 min on 2 cores)
     PYTHONPATH=$PWD python scripts/fault_matrix.py ddp:requeue_val     # one cell (strategy:stop)
 
-Needs the SLURM packages (scripts/install_slurm.sh). Each cell submits slurm/single_node.sbatch with 2 tasks,
-the tiny config of tests/slurm_jobs.py and W&B offline (no --run_name: a resubmission is the same sbatch line plus
-`--ckpt_path last`), holds the ranks at a known step (tests/scale_probe.py), stops the job, and reports: the final state, the sacct lines, the step it resumed from, the steps lost, whether
-the final weights equal an uninterrupted run of the same strategy, whether W&B ended with one run id whose every
-segment finished with history through the last step, the seconds the save took and the job was down (the stopped
-run's end to the next run's start), and any process left. The torchrun cells run the same config under
-`torchrun --standalone --nproc-per-node 2 --max-restarts 1` (tests/torchrun_jobs.py, no SLURM), kill -9 rank 1 at
-the pause step and report torchrun's exit code and the step the restart resumed from by itself. CI runs a slice of it (tests/integration/test_preemption.py).
+Needs the SLURM packages (scripts/install_slurm.sh). Each cell submits slurm/single_node.sbatch with 2 tasks, the
+tiny config of tests/slurm_jobs.py and W&B offline (no --run_name: a resubmission is the same sbatch line plus
+`--ckpt_path last`), holds the ranks at a known step (tests/scale_probe.py), stops the job, and reports: the final
+state, the sacct lines, the step it resumed from, the steps lost, whether the final weights equal an uninterrupted
+run of the same strategy, W&B (one run id with history through the last step; every segment finished, judged apart),
+the seconds the save took and the job was down (the stopped run's end to the next run's start), and any process
+left. The torchrun cells run the same config under `torchrun --standalone --nproc-per-node 2 --max-restarts 1`
+(tests/torchrun_jobs.py, no SLURM), kill -9 rank 1 at the pause step and report torchrun's exit code and the step
+the restart resumed from by itself. CI runs a slice of it (tests/integration/test_preemption.py, test_restarts.py).
 """
 
 from __future__ import annotations
