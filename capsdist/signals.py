@@ -10,6 +10,8 @@ only the main process may decide how the run stops.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # registers multiprocessing's exit hook now, so that the reaper (later) runs before it
 import signal
 import threading
 from types import FrameType
@@ -19,7 +21,7 @@ from typing import Any
 REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
-_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False}
+_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False}
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -68,3 +70,18 @@ def ignore_job_signals(worker_id: int = 0) -> None:
     stops at a step boundary and shuts its workers down itself."""
     for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def reap_workers_at_exit() -> None:
+    """Kill this process's daemonic children at interpreter exit (once registered, runs before multiprocessing's own
+    exit hook). That hook stops them with SIGTERM, which workers under :func:`ignore_job_signals` ignore, then
+    joins them: after a crash whose traceback keeps the loader's iterator alive, the process would hang forever."""
+    if not _state["reaper"]:
+        _state["reaper"] = True
+        atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

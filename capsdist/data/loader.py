@@ -27,7 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.data.batch import Batch, DataError
-from capsdist.signals import ignore_job_signals
+from capsdist.signals import ignore_job_signals, reap_workers_at_exit
 
 STATE_VERSION = 1
 
@@ -54,6 +54,8 @@ class ResumableLoader(DataLoader):
             timeout=timeout,
             worker_init_fn=ignore_job_signals if num_workers > 0 else None,
         )
+        if num_workers > 0:
+            reap_workers_at_exit()  # they ignore SIGTERM, so multiprocessing's exit hook alone could wait forever
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None
 

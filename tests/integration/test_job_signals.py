@@ -16,6 +16,17 @@ from tests.conftest import subprocess_env
 from tests.wandb_records import finished_records, read_run, wandb_files
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+NUMBERS = """import json, torch
+        from torch.utils.data import IterableDataset
+        from capsdist.data.loader import ResumableLoader
+
+        class Numbers(IterableDataset):
+            num_batches = 6
+
+            def __iter__(self):
+                info = torch.utils.data.get_worker_info()
+                yield from range(info.id, self.num_batches, info.num_workers)
+"""  # a ResumableLoader's dataset: the workers share 6 batches
 
 
 def _descendants(pid: int) -> list[int]:
@@ -77,17 +88,7 @@ def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
     process as "DataLoader worker ... killed by signal"; the epoch completes with every batch."""
     proc, workers = _run(
         """
-        import json, torch
-        from torch.utils.data import IterableDataset
-        from capsdist.data.loader import ResumableLoader
-
-        class Numbers(IterableDataset):
-            num_batches = 6
-
-            def __iter__(self):
-                info = torch.utils.data.get_worker_info()
-                yield from range(info.id, self.num_batches, info.num_workers)
-
+        NUMBERS
         seen = []
         for i, x in enumerate(ResumableLoader(Numbers(), num_workers=2)):
             seen.append(int(x))
@@ -95,7 +96,7 @@ def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
                 print("ready", flush=True)
                 input()
         print(json.dumps(sorted(seen)), flush=True)
-        """,
+        """.replace("NUMBERS", NUMBERS),
         tmp_path,
     )
     assert len(workers) == 2
@@ -104,3 +105,19 @@ def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
             os.kill(pid, sig)
     out, _ = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0 and json.loads(out.splitlines()[-1]) == list(range(6))
+
+
+def test_a_crash_with_loader_workers_exits(tmp_path: Path) -> None:
+    """An exception escapes while the loader's workers run (its traceback keeps the iterator alive): the process
+    exits with the error instead of waiting forever at exit for workers that ignore multiprocessing's SIGTERM."""
+    code = textwrap.dedent(
+        """
+        NUMBERS
+        batches = iter(ResumableLoader(Numbers(), num_workers=2))
+        next(batches)
+        raise RuntimeError("a crash mid-epoch")
+        """.replace("NUMBERS", NUMBERS)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                          env=subprocess_env())  # fmt: skip
+    assert proc.returncode == 1 and "a crash mid-epoch" in proc.stderr, proc.stderr[-2000:]
