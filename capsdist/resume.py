@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -307,18 +308,19 @@ def check_loader(checkpoint: dict[str, Any], world_size: int, num_workers: int, 
             check_state(state, world_size, num_workers, needs_same_workers, "training")
 
 
-def stale_hpc(root: str | Path, below_step: int) -> list[Path]:
-    """hpc_ckpt_N files at the top of the run folder whose step is below ``below_step`` (superseded)."""
-    found = []
+def remove_stale_hpc(root: str | Path, below_step: int, keep: Path | None = None) -> None:
+    """Remove the hpc_ckpt_N checkpoints at the top of the run folder whose step is below ``below_step``
+    (superseded), but ``keep``; a sharded one is a directory."""
     for path in Path(root).glob("hpc_ckpt_*.ckpt"):
-        if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", path.name):
+        if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", path.name) and path != keep:
             try:
                 step = int(read_checkpoint(path).get("global_step", 0))
             except ResumeError:
                 step = -1  # a torn hpc file is superseded by anything
-            if step < below_step:
-                found.append(path)
-    return found
+            if step < below_step and path.is_dir():
+                shutil.rmtree(path)
+            elif step < below_step:
+                path.unlink(missing_ok=True)
 
 
 def rewind_untrained(trainer: pl.Trainer) -> None:

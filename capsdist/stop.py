@@ -34,7 +34,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist import signals
-from capsdist.resume import how_to_resume, job_id, stale_hpc
+from capsdist.resume import how_to_resume, job_id, remove_stale_hpc
 from capsdist.run import finish_wandb
 from capsdist.signals import INTERRUPT, REQUEUE, TERMINATE
 
@@ -149,9 +149,8 @@ class GracefulStop(pl.Callback):
         code = EXIT_CODES[request]
         note = ""
         if trainer.is_global_zero:
-            for stale in stale_hpc(path.parent, trainer.global_step + 1) if path and under_slurm else []:
-                if stale != path:
-                    stale.unlink(missing_ok=True)
+            if path and under_slurm:
+                remove_stale_hpc(path.parent, trainer.global_step + 1, keep=path)
             if request == REQUEUE:
                 note, code = self._requeue(under_slurm)
             where = "during validation, " if trainer.validating and not trainer.sanity_checking else ""

@@ -228,8 +228,7 @@ class CapsCLI(PrivateOverrides):
             trainer.save_checkpoint(last, weights_only=False)
         if trainer.is_global_zero and self.checkpoint_dir is not None:
             # hpc files older than the state kept: last.ckpt, or (nothing left to train) the one resumed from
-            for stale in resume.stale_hpc(trainer.default_root_dir, trainer.global_step + (1 if last else 0)):
-                stale.unlink(missing_ok=True)
+            resume.remove_stale_hpc(trainer.default_root_dir, trainer.global_step + (1 if last else 0))
         if trainer.is_global_zero:
             print(fit_summary(trainer, last_checkpoint=str(last) if last else None), flush=True)
             rank_zero_info(resume.how_to_resume(trainer.default_root_dir, finished=True))

@@ -112,3 +112,18 @@ def test_sharded_checkpoint_of_2_ranks_loads_on_1_and_4_ranks_and_converts(tmp_p
     one = torch.load(out, weights_only=True)
     assert one["global_step"] == steps
     assert_unsplit(one["state_dict"], one["optimizer_states"][0], model, optimizer)
+
+
+def test_superseded_sharded_hpc_checkpoints_are_removed(tmp_path: Path) -> None:
+    """A requeue's hpc_ckpt_N under capsule parallelism is a directory: once superseded it is removed like a file
+    (after_fit and the next stop failed with IsADirectoryError: a capsule-parallel job stopped under SLURM ended
+    FAILED 1:0 after training its last step in the resumed run)."""
+    from capsdist.resume import remove_stale_hpc
+
+    weights = {"state_dict": {"w": torch.ones(4, 2)}, "global_step": 9}
+    sharded_checkpoint.save(weights, tmp_path / "hpc_ckpt_1.ckpt", {})
+    torch.save({"global_step": 10}, tmp_path / "hpc_ckpt_2.ckpt")
+    remove_stale_hpc(tmp_path, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_2.ckpt"]
+    remove_stale_hpc(tmp_path, 11, keep=tmp_path / "hpc_ckpt_2.ckpt")
+    assert (tmp_path / "hpc_ckpt_2.ckpt").is_file()
