@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from capsdist.resume import JOB_FILE
 from tests.conftest import REPO
 from tests.scale_probe import probe_config, records, wait_paused, write_yaml
 from tests.slurm_cluster import SlurmCluster, missing_reason
@@ -138,7 +139,7 @@ def _torchrun_cell(tmp: Path, strategy: str, reference: dict) -> dict:
         launcher = subprocess.Popen(torchrun_command(root, *_torchrun_args(tmp, strategy, probe)), env=torchrun_env(),
                                     stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)  # fmt: skip
         wait_paused(out, 2, lambda: launcher.poll() is None)
-        killed = _kill_rank(launcher.pid, 1)
+        killed, killed_at = _kill_rank(launcher.pid, 1), time.time()
         time.sleep(1)
         (out / "resume").touch()
         code = launcher.wait(timeout=600)
@@ -147,6 +148,8 @@ def _torchrun_cell(tmp: Path, strategy: str, reference: dict) -> dict:
     result: dict = {"state": f"exit {code}", "killed_pid": killed, "restarts": [int(n) for n, _ in resumed]}
     result["resumed_from"] = int(resumed[-1][1]) if resumed else None
     result["steps_lost"] = None if result["resumed_from"] is None else PAUSE_AT - result["resumed_from"]
+    if resumed:  # kill -9 to the restart claiming the folder again (torchrun's wait for the survivor, imports, setup)
+        result["down_s"] = round((root / JOB_FILE).stat().st_mtime - killed_at, 1)
     if code != 0:
         result["log_tail"] = text[-1500:]
     return result | _outcome(records(out), reference.get(f"torchrun:{strategy}"), root, tmp)
