@@ -49,8 +49,10 @@ def _wandb(root: Path) -> dict:
     runs = [read_run(f) for f in files]
     last = max((row.get("trainer/global_step", -1) for r in runs for row in r["history"]), default=-1)
     ended = [any(r.WhichOneof("record_type") == "exit" for r in finished_records(f.parent, 10)) for f in files]
+    ids = {r["run"]["id"] for r in runs if "run" in r}  # a segment killed early may hold no run record yet
     return {
-        "wandb_one_run": bool(files) and len({r["run"]["id"] for r in runs}) == 1 and last >= MAX_STEPS - 1,
+        "wandb_one_run": len(ids) == 1 and last >= MAX_STEPS - 1,
+        "wandb_segments_without_run_record": sum("run" not in r for r in runs),
         "wandb_all_finished": bool(files) and all(ended),
         "wandb_segments": len(files),
         "wandb_last_step": last,
