@@ -23,10 +23,10 @@ from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from capsdist.nosync import agree_max
 from capsdist.resume import job_id, stale_hpc
 from capsdist.run import finish_wandb
 
@@ -113,7 +113,7 @@ class GracefulStop(pl.Callback):
         """If any rank has a request (or time is short): save on all ranks, then stop with the request's code."""
         if self.job_end is not None and self.job_end - time.time() < self.lead_s + self.val_seconds:
             self.request = max(self.request, REQUEUE)
-        request = int(trainer.strategy.reduce(torch.tensor(self.request, device=pl_module.device), reduce_op="max"))
+        request = agree_max(self.request)  # on the host: no device sync per step (capsdist.nosync)
         if request:
             self._stop(trainer, request)
 
