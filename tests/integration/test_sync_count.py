@@ -43,7 +43,7 @@ def test_ordinary_step_reads_the_device_at_most_once(monkeypatch: pytest.MonkeyP
     assert all(len(counter.steps[step]) > 1 for step in logging)  # the counter sees reads where there are some
 
 
-def test_overflow_found_at_the_next_check_restores_finite_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_overflow_found_at_the_next_check_keeps_weights_finite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """lr 1e38 with logging every 50 steps: the weights overflow at step 1, the check before the step-2 checkpoint
     finds it, puts back the step-0 weights and stops with exit 2; every checkpoint on disk is finite."""
     flags = ["--model.lr=1e38", "--model.lr_decay=1", "--trainer.max_steps=6", "--checkpoint_every_n_steps=2"]
