@@ -96,9 +96,10 @@ def cli_rate(batch_size: int, warmup: int, steps: int, device: torch.device) -> 
 
     train.CapsCLI.instantiate_trainer = with_clock
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    with tempfile.TemporaryDirectory() as root:
-        args = ["fit", f"--config={QUICKSTART}", f"--trainer.default_root_dir={root}", f"--data.batch_size={batch_size}"]
-        args += [f"--trainer.max_steps={warmup + steps}", f"--trainer.accelerator={accelerator}"]
+    with tempfile.TemporaryDirectory() as folder:
+        args = ["fit", f"--config={QUICKSTART}", f"--trainer.default_root_dir={folder}"]
+        args += [f"--data.batch_size={batch_size}", f"--trainer.max_steps={warmup + steps}"]
+        args += [f"--trainer.accelerator={accelerator}"]
         train.main(args)
     return batch_size * steps / (marks["end"] - marks["start"])
 
@@ -137,7 +138,8 @@ def service_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         rows.append({
             "what": "service", "code": str(root), "device": args.device, "precision": "32",
             "batch_size": args.batch_size, "steps": [args.warmup, args.warmup + args.steps],
-            "cli_images_per_s": round(statistics.median(cli), 1), "bare_images_per_s": round(statistics.median(bare), 1),
+            "cli_images_per_s": round(statistics.median(cli), 1),
+            "bare_images_per_s": round(statistics.median(bare), 1),
             "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
             "ratio_max": round(max(ratios), 3), "repetitions": args.repetitions,
             "cli_runs": [round(c, 1) for c in cli], "bare_runs": [round(b, 1) for b in bare],
