@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 
 from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
-from capsdist.data.device import DeviceMultiMnist
+from capsdist.data.device import DeviceMnist, DeviceMultiMnist
 from capsdist.data.loader import PlainIterable, ResumableLoader
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
 from capsdist.validate import DATA_RULES, check
@@ -140,6 +140,7 @@ class MnistData(_MnistArrays):
         max_shift: int = 2,
         seed: int = 0,
         pin_memory: bool = False,
+        generate_on_device: bool = False,
     ) -> None:
         """MNIST from memory.
 
@@ -154,18 +155,21 @@ class MnistData(_MnistArrays):
             max_shift: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            generate_on_device: keep the training digits on the batch's device (GPU) and shift them there; the
+                loader ships indices and offsets only, so large batches need no workers (the same batches).
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
         self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
         self.max_shift, self._train_cap = max_shift, train_samples
+        self.generate_on_device, self._device_digits = generate_on_device, None
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
         images, labels = self._splits["train"]
         stream = MnistStream(
             images, labels, self.batch_size, True, max_shift=self.max_shift,
-            num_batches=self.train_batches_per_epoch, **self._stream_args(),
+            num_batches=self.train_batches_per_epoch, draw_only=self.generate_on_device, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
 
@@ -184,6 +188,15 @@ class MnistData(_MnistArrays):
     def test_dataloader(self) -> ResumableLoader:
         """All 10,000 test digits (Trainer's limit_test_batches caps them)."""
         return self._test_split(None, None)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """With generate_on_device, gather and shift the drawn training digits on the batch's device."""
+        if "indices" not in batch:
+            return batch
+        device = batch["indices"].device
+        if self._device_digits is None or self._device_digits.images.device != device:
+            self._device_digits = DeviceMnist(*self._splits["train"], device, self.max_shift)
+        return self._device_digits.compose(batch)
 
 
 class OnTheFlyData(_MnistArrays):
@@ -382,15 +395,16 @@ class CapsDataModule(BaseData):
             val_samples: mnist: first N test images; on-the-fly: N validation samples (default 10000).
             max_shift: mnist: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch/worker).
-            generate_on_device: on-the-fly: workers draw indices/offsets, the images are composed on the GPU.
+            generate_on_device: mnist, on-the-fly: the loader ships indices/offsets, the training images are
+                composed on the batch's device (GPU: batches of thousands without workers).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
             verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
         """
         settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
         if source not in SOURCES:
             raise DataError(f"unknown source {source!r}. Fix: mnist, multimnist_shards or multimnist_onthefly.")
-        if generate_on_device and source != "multimnist_onthefly":
-            raise DataError("generate_on_device needs source=multimnist_onthefly.")
+        if generate_on_device and source == "multimnist_shards":
+            raise DataError("generate_on_device needs source=mnist or multimnist_onthefly (shards hold images).")
         target = SOURCES[source]
         known = inspect.signature(target.__init__).parameters
         return target(**{k: v for k, v in settings.items() if k in known})
