@@ -38,6 +38,7 @@ class CapsNetModule(pl.LightningModule):
         lr_decay: float = 0.96,
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
+        warmup_steps: int = 0,
         log_images_every_n_steps: int = 500,
         log_diagnostics_every_n_steps: int = 100,
         init_weights: str | None = None,
@@ -53,6 +54,8 @@ class CapsNetModule(pl.LightningModule):
             lr_decay: learning-rate factor per lr_decay_steps steps (paper: 0.96).
             lr_decay_steps: steps per lr_decay factor (paper: 2000 for MNIST, 20000 for MultiMNIST).
             min_lr: floor of the decayed learning rate.
+            warmup_steps: ramp the learning rate linearly from lr/warmup_steps up to lr over this many steps
+                (large batches with a scaled lr: configs/mnist_large_batch.yaml); 0: none (the paper).
             log_images_every_n_steps: send an input/reconstruction grid to W&B every n steps (0: never).
             log_diagnostics_every_n_steps: how often capsdist.diagnostics logs routing statistics and the
                 gradient norm in training (0: no capsule diagnostics at all, none at validation either).
@@ -156,8 +159,11 @@ class CapsNetModule(pl.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=True)  # one kernel: ~15% of a CPU step
         floor = hp.min_lr / hp.lr
 
+        warmup = hp.get("warmup_steps", 0)
+
         def decay(step: int) -> float:
-            return max(hp.lr_decay ** (step / hp.lr_decay_steps), floor)
+            ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            return max(ramp * hp.lr_decay ** (step / hp.lr_decay_steps), floor)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
