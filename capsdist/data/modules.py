@@ -120,6 +120,15 @@ class _MnistArrays(BaseData):
             images, labels = mnist.load(folder, split)
             self._splits[split] = (torch.from_numpy(images[:cap]), torch.from_numpy(labels[:cap]).long())
 
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """With generate_on_device, compose drawn training batches on their device (validation comes composed)."""
+        if "indices" in batch and getattr(self, "_composer", None) is None:  # the split copied there once
+            split, device = self._splits["train"], batch["indices"].device
+            digits = self.source == "mnist"
+            composer = DeviceMnist(*split, device, self.max_shift) if digits else None
+            self._composer = composer or DeviceMultiMnist(*split, device, self.seed)
+        return self._composer.compose(batch) if "indices" in batch else batch
+
 
 class MnistData(_MnistArrays):
     """MNIST digits for CapsNet training (one target per image, 28x28)."""
@@ -155,14 +164,12 @@ class MnistData(_MnistArrays):
             max_shift: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-            generate_on_device: keep the training digits on the batch's device (GPU) and shift them there; the
-                loader ships indices and offsets only, so large batches need no workers (the same batches).
+            generate_on_device: the loader ships indices/offsets; the digits are shifted on the batch's device (GPU).
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
         self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
-        self.max_shift, self._train_cap = max_shift, train_samples
-        self.generate_on_device, self._device_digits = generate_on_device, None
+        self.max_shift, self._train_cap, self.generate_on_device = max_shift, train_samples, generate_on_device
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
@@ -188,15 +195,6 @@ class MnistData(_MnistArrays):
     def test_dataloader(self) -> ResumableLoader:
         """All 10,000 test digits (Trainer's limit_test_batches caps them)."""
         return self._test_split(None, None)
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """With generate_on_device, gather and shift the drawn training digits on the batch's device."""
-        if "indices" not in batch:
-            return batch
-        device = batch["indices"].device
-        if self._device_digits is None or self._device_digits.images.device != device:
-            self._device_digits = DeviceMnist(*self._splits["train"], device, self.max_shift)
-        return self._device_digits.compose(batch)
 
 
 class OnTheFlyData(_MnistArrays):
@@ -235,7 +233,6 @@ class OnTheFlyData(_MnistArrays):
         self._save()
         self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
         self.generate_on_device = generate_on_device
-        self._device_gen: DeviceMultiMnist | None = None
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's training stream of fresh overlays (fixed length, resumable)."""
@@ -260,15 +257,6 @@ class OnTheFlyData(_MnistArrays):
     def test_dataloader(self) -> ResumableLoader:
         """The fixed test stream, 10,000 samples (the start of the validation stream when val_samples < 10k)."""
         return self._test_stream(None, None)
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """With generate_on_device, compose drawn training pairs on the batch's device (validation comes composed)."""
-        if "indices" not in batch:
-            return batch
-        device = batch["indices"].device
-        if self._device_gen is None or self._device_gen.images.device != device:
-            self._device_gen = DeviceMultiMnist(*self._splits["train"], device, self.seed)
-        return self._device_gen.compose(batch)
 
 
 class ShardData(BaseData):
@@ -395,8 +383,7 @@ class CapsDataModule(BaseData):
             val_samples: mnist: first N test images; on-the-fly: N validation samples (default 10000).
             max_shift: mnist: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch/worker).
-            generate_on_device: mnist, on-the-fly: the loader ships indices/offsets, the training images are
-                composed on the batch's device (GPU: batches of thousands without workers).
+            generate_on_device: mnist, on-the-fly: the loader ships indices/offsets, images are composed on the GPU.
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
             verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
         """
