@@ -106,26 +106,28 @@ class _FullRouting(torch.autograd.Function):
     def forward(ctx, u: torch.Tensor, batch: int, iterations: int, stats: RoutingStats | None) -> torch.Tensor:  # type: ignore[override]
         n_out = u.shape[0] // batch
         sums = [u.sum(dim=1) / n_out]  # round 1: uniform coupling
-        couplings, logits = [], None
+        vs, couplings, logits = [squash(sums[0])], [], None
         if stats is not None:
             stats.record(1, None, n_out, u.device)
         for it in range(1, iterations):
-            agreement = _dot(u, squash(sums[-1]))
+            agreement = _dot(u, vs[-1])
             logits = agreement if logits is None else logits + agreement
             coupling = torch.softmax(logits.view(batch, n_out, -1), dim=1)
             if stats is not None:
                 stats.record(it + 1, coupling, n_out, u.device)
             couplings.append(coupling.view_as(agreement))
             sums.append(_weighted_sum(couplings[-1], u))
-        ctx.save_for_backward(u, *sums, *couplings)
+            vs.append(squash(sums[-1]))
+        ctx.save_for_backward(u, *sums, *vs[:-1], *couplings)
         ctx.batch, ctx.input_major = batch, _input_major(u)
-        return squash(sums[-1])
+        return vs[-1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         u, *saved = ctx.saved_tensors
-        sums, couplings = saved[: len(saved) // 2 + 1], saved[len(saved) // 2 + 1 :]
+        rounds = (len(saved) + 2) // 3  # T sums, T-1 inputs v_1..v_{T-1} of the agreements, T-1 couplings
+        sums, vs, couplings = saved[:rounds], saved[rounds : 2 * rounds - 1], saved[2 * rounds - 1 :]
         n, n_in, _ = u.shape
         grad_u = None  # [N, I, D] in u's layout; written through its [I, N, D] view when input-major
         grad_logits = torch.zeros(n, n_in, dtype=u.dtype, device=u.device)
@@ -146,8 +148,7 @@ class _FullRouting(torch.autograd.Function):
             c = coupling.view(ctx.batch, -1, n_in)
             grad_c = _dot(u, grad_s).view_as(c)
             grad_logits += (c * (grad_c - (c * grad_c).sum(dim=1, keepdim=True))).view(n, n_in)
-            v = squash(sums[t - 1])
-            accumulate(grad_logits, v)  # b_t .. b_{T-1} all hold u . v_t
+            accumulate(grad_logits, vs[t - 1])  # b_t .. b_{T-1} all hold u . v_t
             grad_v = _weighted_sum(grad_logits, u)
         grad_mean = _squash_grad(sums[0], grad_v) / (n // ctx.batch)
         if ctx.input_major:
