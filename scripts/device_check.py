@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run every stage within the budget; exit 1 if any stage reported a failure."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT") or "device_check_out", help="folder for the results")
-    parser.add_argument("--budget", type=float, default=400 if SMOKE else 560, help="seconds for all stages")
+    parser.add_argument("--budget", type=float, default=600 if SMOKE else 560, help="seconds for all stages")
     parser.add_argument(
         "--train-reserve",
         type=float,

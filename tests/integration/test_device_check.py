@@ -41,7 +41,7 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     service = by_what["service"][0]
     assert service["batch_size"] == 8 and service["cli_images_per_s"] > 0 and service["ratio"] > 0
     multimnist = by_what["multimnist"][0]
-    assert multimnist["exit_code"] == 0 and multimnist["test_exit_code"] == 0 and 0 <= multimnist["test_error"] <= 1
+    assert multimnist["exit_code"] == 0 and 0 <= multimnist["test_error"] <= 1
     assert by_what["done"][0]["failures"] == 0
     # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
     shipped = by_what["pretrained"][0]
