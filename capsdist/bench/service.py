@@ -130,6 +130,8 @@ def service_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         for root in roots:
             for impl in ("cli", "bare"):
                 runs[root][impl].append(run_one(impl, root, args))
+                progress = {"code": str(root), "impl": impl, "images_per_s": round(runs[root][impl][-1], 1)}
+                print(json.dumps({**progress, "loadavg": loadavg()}), file=sys.stderr, flush=True)  # partial results
     load.append(loadavg())
     rows = []
     for root in roots:
