@@ -121,8 +121,9 @@ class NonFiniteGuard(Callback):
     ) -> None:
         """Count this step on the device (bad gradient, else bad loss); check on logging steps."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and self.found_inf is not None:
-            counts, grad_bad = self._counts(loss.device), self.found_inf
+        if isinstance(loss, torch.Tensor):  # also under fp16's GradScaler, where no gradient flag is set
+            counts = self._counts(loss.device)
+            grad_bad = self.found_inf
             loss_bad = (~torch.isfinite(loss.detach()).all()).float() * (1 - grad_bad)
             first = torch.where((counts[2] < 0) & (grad_bad + loss_bad > 0), float(trainer.global_step), counts[2])
             counts += torch.stack([grad_bad, loss_bad, first - counts[2]])
