@@ -112,7 +112,7 @@ class NonFiniteGuard(Callback):
         if bool(found_inf):  # an optimizer that cannot skip on the device: read the flag now
             self.skipped += 1
             if self.skipped > self.max_skips:
-                self._stop(trainer, pl_module, f"gradient at step {trainer.global_step}")
+                self._stop(trainer, pl_module, f"gradient at step {trainer.global_step}", restore=False)
             optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without gradients untouched
             found_inf.zero_()  # counted here already
 
