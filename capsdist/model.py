@@ -54,7 +54,8 @@ class CapsLayer(nn.Module):
     """A routed capsule layer: a separate W_ij (d_out x d_in) per (input i, output j) pair, no bias.
 
     With `chunk_size` C, routing streams over C input capsules at a time (`capsdist.streaming`): the priors of
-    at most C inputs exist at once in forward and backward, for the same values and gradients.
+    at most C inputs exist at once in forward and backward, for the same values and gradients (0: C picked from
+    the tensor sizes, `capsdist.streaming.auto_chunk`).
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class CapsLayer(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
         if self.chunk_size is not None:  # records no routing statistics (the coupling never exists whole)
-            return streaming_routing(u, self.weight, self.iterations, self.detach, self.chunk_size)
+            return streaming_routing(u, self.weight, self.iterations, self.detach, self.chunk_size or None)
         return dynamic_routing(self.priors(u), self.iterations, self.detach, self.routing_stats)
 
 
@@ -158,7 +159,8 @@ class CapsNet(nn.Module):
             routing_iterations: routing-by-agreement iterations (paper: 3).
             detach_routing: stop gradients through all but the last routing round (same forward, cheaper backward).
             routing_chunk_size: stream each routed layer over this many input capsules at a time, forward and
-                backward (capsdist.streaming: same values, memory no longer grows with inputs x outputs); None: off.
+                backward (capsdist.streaming: same values, memory no longer grows with inputs x outputs); 0: a
+                size picked from the tensor sizes; None: off.
             decoder_hidden: widths of the decoder's hidden layers (paper: [512, 1024]).
             reconstruction: whether to build the decoder (reconstruction loss and images).
         """

@@ -39,6 +39,7 @@ class CapsNetModule(pl.LightningModule):
         lr_decay: float = 0.96,
         lr_decay_steps: int = 2000,
         min_lr: float = 1e-6,
+        warmup_steps: int = 0,
         log_images_every_n_steps: int = 500,
         log_diagnostics_every_n_steps: int = 100,
         init_weights: str | None = None,
@@ -54,6 +55,8 @@ class CapsNetModule(pl.LightningModule):
             lr_decay: learning-rate factor per lr_decay_steps steps (paper: 0.96).
             lr_decay_steps: steps per lr_decay factor (paper: 2000 for MNIST, 20000 for MultiMNIST).
             min_lr: floor of the decayed learning rate.
+            warmup_steps: ramp the learning rate linearly from lr/warmup_steps up to lr over this many steps
+                (large batches with a scaled lr: configs/mnist_large_batch.yaml); 0: none (the paper).
             log_images_every_n_steps: send an input/reconstruction grid to W&B every n steps (0: never).
             log_diagnostics_every_n_steps: how often capsdist.diagnostics logs routing statistics and the
                 gradient norm in training (0: no capsule diagnostics at all, none at validation either).
@@ -159,15 +162,17 @@ class CapsNetModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _decay(self, step: int) -> float:
-        """The learning-rate factor at ``step`` under the configured schedule."""
+        """The learning-rate factor at ``step`` under the configured schedule (linear warm-up, then decay)."""
         hp = self.hparams
-        return max(hp.lr_decay ** (step / hp.lr_decay_steps), hp.min_lr / hp.lr)
+        warmup = hp.get("warmup_steps", 0)
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return max(ramp * hp.lr_decay ** (step / hp.lr_decay_steps), hp.min_lr / hp.lr)
 
     def _schedule_from_here(self, checkpoint: dict[str, Any]) -> None:
         """Resume with the configured schedule, not the checkpoint's: the scheduler keeps its step count, and the
         base and current rates are recomputed from the configured lr settings (the same values when nothing
         changed, so an unchanged resume stays exact). A change is said in the log."""
-        keys = ("lr", "lr_decay", "lr_decay_steps", "min_lr")
+        keys = ("lr", "lr_decay", "lr_decay_steps", "min_lr", "warmup_steps")
         saved = checkpoint.get("hyper_parameters", {})
         changed = {k: f"{saved[k]} -> {self.hparams[k]}" for k in keys if k in saved and saved[k] != self.hparams[k]}
         schedulers, optimizers = checkpoint.get("lr_schedulers") or [], checkpoint.get("optimizer_states") or []

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 SQUASH_EPS = 1e-8  # inside the square root: keeps squash and its gradient finite at s = 0
 
@@ -88,6 +89,75 @@ class _WeightedSum(_InputContraction):
     grad_u = staticmethod(_outer)
 
 
+def _squash_grad(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
+    """d loss / d s for v = squash(s), by autograd on these small [N, D] tensors."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        return torch.autograd.grad(squash(s), s, grad_v)[0]
+
+
+class _FullRouting(torch.autograd.Function):
+    """Routing with gradients through every round (the paper's), as one autograd node over u [N, I, D] (N = batch x
+    outputs). Backward runs the rounds in reverse on small [N, I] and [N, D] tensors and accumulates every
+    round's contribution to d u in place into one buffer in u's layout: peak memory one prior-sized gradient, where
+    autograd's per-op backward made one prior-sized temporary per contribution and summed them."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, batch: int, iterations: int, stats: RoutingStats | None) -> torch.Tensor:  # type: ignore[override]
+        n_out = u.shape[0] // batch
+        sums = [u.sum(dim=1) / n_out]  # round 1: uniform coupling
+        vs, couplings, logits = [squash(sums[0])], [], None
+        if stats is not None:
+            stats.record(1, None, n_out, u.device)
+        for it in range(1, iterations):
+            agreement = _dot(u, vs[-1])
+            logits = agreement if logits is None else logits + agreement
+            coupling = torch.softmax(logits.view(batch, n_out, -1), dim=1)
+            if stats is not None:
+                stats.record(it + 1, coupling, n_out, u.device)
+            couplings.append(coupling.view_as(agreement))
+            sums.append(_weighted_sum(couplings[-1], u))
+            vs.append(squash(sums[-1]))
+        ctx.save_for_backward(u, *sums, *vs[:-1], *couplings)
+        ctx.batch, ctx.input_major = batch, _input_major(u)
+        return vs[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        u, *saved = ctx.saved_tensors
+        rounds = (len(saved) + 2) // 3  # T sums, T-1 inputs v_1..v_{T-1} of the agreements, T-1 couplings
+        sums, vs, couplings = saved[:rounds], saved[rounds : 2 * rounds - 1], saved[2 * rounds - 1 :]
+        n, n_in, _ = u.shape
+        grad_u = None  # [N, I, D] in u's layout; written through its [I, N, D] view when input-major
+        grad_logits = torch.zeros(n, n_in, dtype=u.dtype, device=u.device)
+
+        def accumulate(coef: torch.Tensor, vec: torch.Tensor) -> None:
+            nonlocal grad_u
+            if grad_u is None:
+                grad_u = _outer(coef, vec, ctx.input_major)
+            elif ctx.input_major:
+                grad_u.transpose(0, 1).addcmul_(coef.t().contiguous().unsqueeze(2), vec.unsqueeze(0))
+            else:
+                grad_u.addcmul_(coef.unsqueeze(2), vec.unsqueeze(1))
+
+        for t in range(len(couplings), 0, -1):  # s_{t+1} = sum_i c_t u, c_t = softmax(b_t), b_t = sum_k<=t u . v_k
+            grad_s = _squash_grad(sums[t], grad_v)
+            coupling = couplings[t - 1]
+            accumulate(coupling, grad_s)
+            c = coupling.view(ctx.batch, -1, n_in)
+            grad_c = _dot(u, grad_s).view_as(c)
+            grad_logits += (c * (grad_c - (c * grad_c).sum(dim=1, keepdim=True))).view(n, n_in)
+            accumulate(grad_logits, vs[t - 1])  # b_t .. b_{T-1} all hold u . v_t
+            grad_v = _weighted_sum(grad_logits, u)
+        grad_mean = _squash_grad(sums[0], grad_v) / (n // ctx.batch)
+        if ctx.input_major:
+            grad_u.transpose(0, 1).add_(grad_mean.unsqueeze(0))
+        else:
+            grad_u.add_(grad_mean.unsqueeze(1))
+        return grad_u, None, None, None
+
+
 class RoutingStats:
     """Per-round summaries of the coupling coefficients c_i. (softmax over outputs), for the dashboard: mean
     entropy (it falls as routing sharpens) and mean largest coupling. Filled only while a layer records."""
@@ -140,6 +210,8 @@ def dynamic_routing(
         batch, n_in, n_out, d = u.shape
         # [B*n_out, n_in, d]: a view of input-major memory (a copy only for other layouts)
         flat = u.transpose(0, 1).reshape(n_in, batch * n_out, d).transpose(0, 1)
+        if iterations > 1 and not detach:
+            return _FullRouting.apply(flat, batch, iterations, stats).view(batch, n_out, d)
         inner = flat.detach() if detach else flat
         # round 1: the softmax of all-zero logits is uniform, so s_j is the plain mean over inputs
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist import signals
+from capsdist.nosync import agree_max
 from capsdist.resume import how_to_resume, job_id, remove_stale_hpc
 from capsdist.run import finish_wandb
 from capsdist.signals import INTERRUPT, REQUEUE, TERMINATE
@@ -86,7 +86,7 @@ class GracefulStop(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Honour a stop that came during setup or the sanity check: leave before the first step."""
         signals.install()
-        if request := self._agreed(trainer, pl_module):
+        if request := self._agreed():
             self._stop(trainer, request, save=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -105,7 +105,7 @@ class GracefulStop(pl.Callback):
         """A stop during validation (or the sanity check) abandons the pass (class docstring)."""
         if trainer.state.fn != "fit":
             return
-        if request := self._agreed(trainer, pl_module):
+        if request := self._agreed():
             self._stop(trainer, request, save=self.trained and not trainer.sanity_checking)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,7 +121,7 @@ class GracefulStop(pl.Callback):
         self.trained = True
         if self.job_end is not None and self.job_end - time.time() < self.lead_s + self.val_seconds:
             signals.raise_request(REQUEUE)
-        if request := self._agreed(trainer, pl_module):
+        if request := self._agreed():
             self._stop(trainer, request)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -130,10 +130,10 @@ class GracefulStop(pl.Callback):
             _redo_validation(checkpoint, self._val_progress)
 
     @staticmethod
-    def _agreed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """The strongest request of any rank (one all-reduce; every rank calls it at the same point)."""
-        local = torch.tensor(signals.request(), device=pl_module.device)
-        return int(trainer.strategy.reduce(local, reduce_op="max"))
+    def _agreed() -> int:
+        """The strongest request of any rank, agreed on the host (a gloo all-reduce, no device sync: capsdist.nosync);
+        every rank calls it at the same point."""
+        return agree_max(signals.request())
 
     def _stop(self, trainer: pl.Trainer, request: int, save: bool = True) -> None:
         started = time.monotonic()

@@ -67,15 +67,19 @@ def _squash_vjp(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_round(u_t: torch.Tensor, w: torch.Tensor, chunk: int, acc: torch.dtype) -> torch.Tensor:
-    """s^1 = (1/n_out) sum_i W_i u_i as one GEMM per chunk, in float32/64 (never rounded to bf16):
-    u_t [n_in, B, d_in] -> [B*n_out, d_out]."""
-    n_in, batch, d_in = u_t.shape
-    n_out, d_out = w.shape[1:3]
-    out = torch.zeros(batch, n_out * d_out, dtype=acc, device=u_t.device)
-    for lo, hi in _chunks(n_in, chunk):
-        wc = w[lo:hi].reshape(hi - lo, -1, d_in).transpose(1, 2).reshape((hi - lo) * d_in, -1)
-        out += u_t[lo:hi].transpose(0, 1).reshape(batch, -1).to(acc) @ wc.to(acc)
-    return out.view(-1, d_out) / n_out
+    """s^1 = (1/n_out) sum_i W_i u_i, per chunk the priors summed over its inputs, in float32/64 (never rounded to
+    bf16): u_t [n_in, B, d_in] -> [B*n_out, d_out]. The same batched matmul as every other round: W is read in
+    place (a single GEMM would need a transposed copy of W) and the chunk's priors are no larger than later rounds'."""
+    n_in, n_out = u_t.shape[0], w.shape[1]
+    out = sum(_priors(u_t, w, lo, hi, acc, acc).sum(dim=1) for lo, hi in _chunks(n_in, chunk))
+    return out / n_out
+
+
+def auto_chunk(batch: int, n_in: int, n_out: int, d_out: int, budget: int = 64 * 2**20) -> int:
+    """Input capsules per chunk when none is given: as many as keep one chunk's float32 priors within ``budget``
+    bytes (64 MiB: big enough that the per-chunk overhead is small, small against the full prior tensor of a
+    layer worth streaming), at least 16."""
+    return max(16, min(n_in, budget // max(1, batch * n_out * d_out * 4)))
 
 
 class _StreamingRouting(torch.autograd.Function):
@@ -89,6 +93,7 @@ class _StreamingRouting(torch.autograd.Function):
         mm = torch.bfloat16 if bf16 else acc  # fp16 autocast: float32 priors (fp16 would overflow)
         n_in, n_out, d_out, _ = weight.shape
         u_t, w = u.detach().transpose(0, 1), weight.detach()
+        w_mm = w.to(mm)  # once per pass, not per chunk and round (a no-op in float32)
         with torch.autocast(dev, enabled=False):
             s_list, v_list = [], []
             big_v = None
@@ -98,7 +103,7 @@ class _StreamingRouting(torch.autograd.Function):
                 else:
                     s = torch.zeros_like(big_v)
                     for lo, hi in _chunks(n_in, chunk):
-                        u_hat = _priors(u_t, w, lo, hi, mm, acc)
+                        u_hat = _priors(u_t, w_mm, lo, hi, mm, acc)
                         s += _weighted_sum(_coupling(u_hat, big_v, n_out), u_hat)
                 if reduce is not None:
                     s = _reduce(reduce, s, n_out)
@@ -118,6 +123,7 @@ class _StreamingRouting(torch.autograd.Function):
         big_vs = list(torch.cumsum(torch.stack(v_list), dim=0))  # V^1 .. V^T
         n_in, n_out, d_out, d_in = weight.shape
         u_t, w = u.detach().transpose(0, 1), weight.detach()
+        w_mm = w.to(mm)
         grad_u_t = torch.zeros(n_in, u.shape[0], d_in, dtype=acc, device=u.device)
         grad_w = torch.zeros(n_in, n_out * d_out, d_in, dtype=acc, device=u.device)
         last = iterations - 1
@@ -129,7 +135,7 @@ class _StreamingRouting(torch.autograd.Function):
                 final = t == sweeps[-1]
                 grad_big_v = torch.zeros_like(carried)
                 for lo, hi in _chunks(n_in, chunk):
-                    u_hat = _priors(u_t, w, lo, hi, mm, acc)
+                    u_hat = _priors(u_t, w_mm, lo, hi, mm, acc)
                     grad_hat = torch.zeros_like(u_hat.transpose(0, 1)) if final else None  # [C, B*n_out, d]
                     for r in range(t, iterations) if final else [t]:
                         coupling = _coupling(u_hat, big_vs[r - 1], n_out)
@@ -170,16 +176,19 @@ def streaming_routing(
     weight: torch.Tensor,
     iterations: int = 3,
     detach: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Route input capsules u [B, n_in, d_in] through W [n_in, n_out, d_out, d_in] to v [B, n_out, d_out],
-    holding the priors of at most `chunk_size` input capsules at a time in forward and backward.
+    holding the priors of at most `chunk_size` input capsules at a time in forward and backward (None:
+    `auto_chunk` picks it from the tensor sizes).
 
     Same values and gradients as `dynamic_routing(CapsLayer.priors(u), iterations, detach)`.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
+    if chunk_size is None:
+        chunk_size = auto_chunk(u.shape[0], *weight.shape[:3])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _StreamingRouting.apply(u, weight, iterations, detach, chunk_size, reduce)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, ThroughputMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist import CapsdistError, prog, resume, shipped, signals, user_errors
@@ -28,6 +28,7 @@ from capsdist.diagnostics import CapsuleDiagnostics, batch_images
 from capsdist.guards import fault_callbacks
 from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
+from capsdist.nosync import LoggedThroughput
 from capsdist.run import (
     LineProgress,
     LoggedConfig,
@@ -155,7 +156,7 @@ class CapsCLI(PrivateOverrides):
         callbacks += [WallClock(), CapsuleDiagnostics(), self.position]
         callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
-        callbacks.append(ThroughputMonitor(batch_size_fn=batch_images, window_size=10))
+        callbacks.append(LoggedThroughput(batch_size_fn=batch_images))  # CUDA sync on logging steps only
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(root))
         plain_log = not sys.stdout.isatty() and config.get("enable_progress_bar") is not False

@@ -1,5 +1,6 @@
 """`python -m capsdist.bench`: CapsNet train-step and routing throughput, capsdist against the ports' formulation,
-and the MultiMNIST data paths (shard write/read, on-device generation).
+the MultiMNIST data paths (shard write/read, on-device generation), and the training service against a bare loop
+(`--what service`, capsdist.bench.service).
 
 Prints one JSON line per measurement. Every capsdist setting is timed interleaved with the reference
 (`capsdist.reference`) in one process, one step each in turn, so load from other processes on a shared machine
@@ -18,8 +19,10 @@ import torch
 from capsdist import prog
 from capsdist.bench.data import SHARD_RATES, onthefly_row, shard_rows
 from capsdist.bench.models import LOW_PRECISION, MODEL_WHATS, measure
+from capsdist.bench.service import service_rows
 
-WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly")
+WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly", "service")
+DEFAULT_WHATS = WHATS[:-1]  # service (minutes of subprocess fits) runs when asked for
 
 
 def split_list(values: list[str]) -> list[str]:
@@ -41,11 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
     parser.add_argument("--image_size", "--image-size", type=int, default=28)
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after warm-up; service: 100)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first (service: 50)")
     parser.add_argument(
         "--data_samples", "--data-samples", type=int, default=1000, help="MultiMNIST samples per shard benchmark run"
     )
+    parser.add_argument("--repetitions", type=int, default=3, help="service: interleaved rounds")
+    parser.add_argument("--baseline_root", help="service: another checkout measured in the same rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--channels_last", "--channels-last", action="store_true", help="capsdist convs in channels_last"
@@ -61,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; with none, every `what` on CPU (model rows in fp32 and bf16 autocast, batch 64)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.what = split_list(args.what) or list(WHATS)
+    args.what = split_list(args.what) or list(DEFAULT_WHATS)
     args.precision = split_list(args.precision) or ["32", "bf16-mixed"]
     for name, values, allowed in (("--what", args.what, WHATS), ("--precision", args.precision, LOW_PRECISION)):
         if bad := [v for v in values if v not in allowed]:
@@ -82,6 +87,8 @@ def all_rows(args: argparse.Namespace, device: torch.device) -> Iterator[dict[st
         yield from shard_rows(shard_whats, args)
     if "onthefly" in args.what:
         yield onthefly_row(args, device)
+    if "service" in args.what:  # its own rounds of subprocess fits, timed steps warmup .. warmup + steps
+        yield from service_rows(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,13 @@
-"""MultiMNIST generated on a device (index gather + shifted add), for when CPU workers would starve a GPU."""
+"""Batches composed on a device from MNIST held there (index gather + shift), for when CPU workers would starve a
+GPU: MultiMNIST overlays (``DeviceMultiMnist``) and the paper's shifted MNIST digits (``DeviceMnist``). Workers (or
+the main process: there is nothing left for workers to do) ship only indices and offsets."""
 
 from __future__ import annotations
 
 import torch
 
 from capsdist.data import recipe
-from capsdist.data.batch import ONTHEFLY, Batch, multimnist_from_draw
+from capsdist.data.batch import ONTHEFLY, Batch, multimnist_from_draw, to_batch
 
 
 def multimnist_batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, gen: torch.Generator) -> Batch:
@@ -16,7 +18,9 @@ def multimnist_batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 class DeviceMultiMnist:
-    """MultiMNIST generated on a device (index gather + shifted add), for when CPU workers would starve a GPU."""
+    """Batches composed on a device from MNIST held there (index gather + shift), for when CPU workers would starve a
+GPU: MultiMNIST overlays (``DeviceMultiMnist``) and the paper's shifted MNIST digits (``DeviceMnist``). Workers (or
+the main process: there is nothing left for workers to do) ship only indices and offsets."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str, seed: int = 0) -> None:
         """Copy the MNIST split (uint8 [N,28,28], labels [N]) to ``device`` once."""
@@ -33,3 +37,20 @@ class DeviceMultiMnist:
         """Compose a ``draw_only`` batch ({"indices", "offsets"} on this device) into a contract batch."""
         return multimnist_from_draw(self.images, self.labels, draws["indices"], draws["offsets"])
 
+
+
+class DeviceMnist:
+    """The MNIST train split on a device, shifted there: the same batches as ``MnistStream`` composes on the CPU."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str, max_shift: int) -> None:
+        """Copy the split (uint8 [N,28,28], labels [N]) to ``device`` once (47 MB for the 60k digits)."""
+        self.images = torch.as_tensor(images).to(device)
+        self.labels = torch.as_tensor(labels).long().to(device)
+        self.max_shift = max_shift
+
+    def compose(self, draws: Batch) -> Batch:
+        """A contract batch from ``MnistStream``'s draws ({"indices" [B], "offsets" [B,2]} on this device)."""
+        images = self.images[draws["indices"]]
+        if self.max_shift:
+            images = recipe.shift(images, draws["offsets"], self.max_shift)
+        return to_batch(images, self.labels[draws["indices"], None], images[:, None])

@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 
 from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
-from capsdist.data.device import DeviceMultiMnist
+from capsdist.data.device import DeviceMnist, DeviceMultiMnist
 from capsdist.data.loader import PlainIterable, ResumableLoader
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
 from capsdist.validate import DATA_RULES, check
@@ -120,6 +120,15 @@ class _MnistArrays(BaseData):
             images, labels = mnist.load(folder, split)
             self._splits[split] = (torch.from_numpy(images[:cap]), torch.from_numpy(labels[:cap]).long())
 
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """With generate_on_device, compose drawn training batches on their device (validation comes composed)."""
+        if "indices" in batch and getattr(self, "_composer", None) is None:  # the split copied there once
+            split, device = self._splits["train"], batch["indices"].device
+            digits = self.source == "mnist"
+            composer = DeviceMnist(*split, device, self.max_shift) if digits else None
+            self._composer = composer or DeviceMultiMnist(*split, device, self.seed)
+        return self._composer.compose(batch) if "indices" in batch else batch
+
 
 class MnistData(_MnistArrays):
     """MNIST digits for CapsNet training (one target per image, 28x28)."""
@@ -140,6 +149,7 @@ class MnistData(_MnistArrays):
         max_shift: int = 2,
         seed: int = 0,
         pin_memory: bool = False,
+        generate_on_device: bool = False,
     ) -> None:
         """MNIST from memory.
 
@@ -154,18 +164,19 @@ class MnistData(_MnistArrays):
             max_shift: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch).
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+            generate_on_device: the loader ships indices/offsets; the digits are shifted on the batch's device (GPU).
         """
         super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
         self._save()
         self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
-        self.max_shift, self._train_cap = max_shift, train_samples
+        self.max_shift, self._train_cap, self.generate_on_device = max_shift, train_samples, generate_on_device
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
         images, labels = self._splits["train"]
         stream = MnistStream(
             images, labels, self.batch_size, True, max_shift=self.max_shift,
-            num_batches=self.train_batches_per_epoch, **self._stream_args(),
+            num_batches=self.train_batches_per_epoch, draw_only=self.generate_on_device, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
 
@@ -222,7 +233,6 @@ class OnTheFlyData(_MnistArrays):
         self._save()
         self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
         self.generate_on_device = generate_on_device
-        self._device_gen: DeviceMultiMnist | None = None
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's training stream of fresh overlays (fixed length, resumable)."""
@@ -247,15 +257,6 @@ class OnTheFlyData(_MnistArrays):
     def test_dataloader(self) -> ResumableLoader:
         """The fixed test stream, 10,000 samples (the start of the validation stream when val_samples < 10k)."""
         return self._test_stream(None, None)
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """With generate_on_device, compose drawn training pairs on the batch's device (validation comes composed)."""
-        if "indices" not in batch:
-            return batch
-        device = batch["indices"].device
-        if self._device_gen is None or self._device_gen.images.device != device:
-            self._device_gen = DeviceMultiMnist(*self._splits["train"], device, self.seed)
-        return self._device_gen.compose(batch)
 
 
 class ShardData(BaseData):
@@ -385,15 +386,15 @@ class CapsDataModule(BaseData):
             val_samples: mnist: first N test images; on-the-fly: N validation samples (default 10000).
             max_shift: mnist: random shift of up to this many pixels (paper: 2; 0 disables).
             seed: base seed of every random stream (combined with epoch, rank and batch/worker).
-            generate_on_device: on-the-fly: workers draw indices/offsets, the images are composed on the GPU.
+            generate_on_device: mnist, on-the-fly: the loader ships indices/offsets, images are composed on the GPU.
             pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
             verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
         """
         settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
         if source not in SOURCES:
             raise DataError(f"unknown source {source!r}. Fix: mnist, multimnist_shards or multimnist_onthefly.")
-        if generate_on_device and source != "multimnist_onthefly":
-            raise DataError("generate_on_device needs source=multimnist_onthefly.")
+        if generate_on_device and source == "multimnist_shards":
+            raise DataError("generate_on_device needs source=mnist or multimnist_onthefly (shards hold images).")
         target = SOURCES[source]
         known = inspect.signature(target.__init__).parameters
         return target(**{k: v for k, v in settings.items() if k in known})

@@ -69,10 +69,12 @@ class MnistStream(BatchStream):
         world_size: int = 1,
         max_shift: int = 2,
         num_batches: int | None = None,
+        draw_only: bool = False,
     ) -> None:
-        """Train: equal per-rank shares, full batches only; val: every sample once, split across ranks."""
+        """Train: equal per-rank shares, full batches only; val: every sample once, split across ranks.
+        ``draw_only``: yield {"indices", "offsets"} and leave gathering and shifting to ``DeviceMnist.compose``."""
         self.images, self.labels, self.batch_size = images, labels.long(), batch_size
-        self.train, self.max_shift = train, max_shift
+        self.train, self.max_shift, self.draw_only = train, max_shift, draw_only
         share = len(labels) // world_size if train else len(range(rank, len(labels), world_size))
         full = share // batch_size if train else math.ceil(share / batch_size)
         if num_batches is not None and num_batches > full:
@@ -93,10 +95,14 @@ class MnistStream(BatchStream):
     def make_batch(self, epoch: int, j: int) -> Batch:
         """Batch ``j``: the ``j``-th slice of this rank's order, shifted when training."""
         idx = self._rank_order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
-        images = self.images[idx]
+        offsets = torch.zeros(len(idx), 2, dtype=torch.long)
         if self.train and self.max_shift:
             gen = recipe.generator("cpu", self.seed, SHIFT, epoch, self.rank, j)
             offsets = torch.randint(2 * self.max_shift + 1, (len(idx), 2), generator=gen)
+        if self.draw_only:
+            return {"indices": idx, "offsets": offsets}
+        images = self.images[idx]
+        if self.train and self.max_shift:
             images = recipe.shift(images, offsets, self.max_shift)
         return to_batch(images, self.labels[idx, None], images[:, None])
 

@@ -55,14 +55,26 @@ def test_fit_bad_value(flags: list[str], code: int, phrase: str, tmp_path: Path,
     assert phrase in err and "Traceback" not in err
 
 
-def test_nonfinite_loss_stops_at_first_step_with_finite_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture):
-    """lr 1e38 (Adam's first step overflows the weights): the run stops at that step with exit 2, naming the step
-    and the cause, and every checkpoint on disk holds finite weights (they used to be NaN, exit 0)."""
+# checked every step (logging every step); checked at the step-2 checkpoint only (the guard reads the device there)
+DEFERRED = ["--trainer.log_every_n_steps=50", "--checkpoint_every_n_steps=2"]
+OVERFLOWS = [
+    ([], "at step 1"),
+    (DEFERRED, "between step 1 and step 2 (epoch 0); training stopped with the weights of step 0"),
+]
+
+
+@pytest.mark.parametrize(("later", "where"), OVERFLOWS, ids=["every step", "at the next checkpoint"])
+def test_nonfinite_loss_stops_at_first_step_with_finite_checkpoints(
+    later: list[str], where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """lr 1e38 (Adam's first step overflows the weights): the run stops at the first check after that step with
+    exit 2, naming the step and the cause, and every checkpoint on disk holds finite weights (they used to be NaN,
+    exit 0)."""
     flags = ["--model.lr=1e38", "--trainer.max_steps=8", "--checkpoint_every_n_steps=1", "--model.lr_decay=1"]
     with pytest.raises(SystemExit) as stop:
-        train.main([*FIT, f"--trainer.default_root_dir={tmp_path}", *flags])
+        train.main([*FIT, f"--trainer.default_root_dir={tmp_path}", *flags, *later])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "non-finite weights after the optimizer step at step 1" in err
+    assert stop.value.code == 2 and f"non-finite weights after the optimizer step {where}" in err
     assert "lower --model.lr" in err
     ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
     assert ckpts

@@ -94,7 +94,7 @@ def test_optimizer_and_scheduler_are_refused(how: str, tmp_path: Path, capsys: p
     assert not (tmp_path / "checkpoints").exists()
 
 
-NOISE = ["litlogger", "ckpt_path", "`__len__`", "skip_none", "JsonargparseDeprecationWarning", "LeafSpec"]
+NOISE = ["litlogger", "fit(ckpt_path", "`__len__`", "skip_none", "JsonargparseDeprecationWarning", "LeafSpec"]
 
 
 @pytest.mark.slow

@@ -40,9 +40,10 @@ def test_datamodule_sources(source: str, size: int, k: int, shards: Path) -> Non
     check_format(next(iter(dm.val_dataloader())), 16, k, size)
 
 
-def test_datamodule_generate_on_device() -> None:
+@pytest.mark.parametrize("source", ["multimnist_onthefly", "mnist"])
+def test_datamodule_generate_on_device(source: str) -> None:
     """generate_on_device: workers ship draws, on_after_batch_transfer composes (here on CPU) the same batch."""
-    kw = {"source": "multimnist_onthefly", "mnist_dir": str(SHIPPED), "batch_size": 8, "num_workers": 0}
+    kw = {"source": source, "mnist_dir": str(SHIPPED), "batch_size": 8, "num_workers": 0}
     dev, cpu = data.CapsDataModule(generate_on_device=True, **kw), data.CapsDataModule(**kw)
     dev.setup("fit")
     cpu.setup("fit")

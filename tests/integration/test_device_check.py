@@ -36,6 +36,12 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     assert measured >= {("32", "reference"), ("32", "capsdist"), ("bf16-mixed", "capsdist")}
     assert by_what["onthefly"][0]["images_per_s"] > 0
     assert {r["chunk_size"] for r in by_what["routing_memory"]} == {None, 64} and by_what["routing_time_ratio"]
+    tta = by_what["time_to_accuracy"][0]
+    assert tta["validations"] == 2 and "seconds_to_99.6" in tta and "seconds_to_99.65" in tta
+    service = by_what["service"][0]
+    assert service["batch_size"] == 8 and service["cli_images_per_s"] > 0 and service["ratio"] > 0
+    multimnist = by_what["multimnist"][0]
+    assert multimnist["exit_code"] == 0 and 0 <= multimnist["test_error"] <= 1
     assert by_what["done"][0]["failures"] == 0
     # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
     shipped = by_what["pretrained"][0]
@@ -43,3 +49,19 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     assert meta["global_step"] == train["steps"] and meta["test_correct"] == shipped["test_correct"]
     assert int(mnist_hits(model, limit=1000).sum()) == meta["first_1000_correct"]
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+
+
+def test_stages_choose_what_runs(tmp_path):
+    """--stages env runs the environment stage alone; an unknown stage is refused, naming the choices."""
+    env = {**os.environ, "DEVICE_CHECK_SMOKE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        ["bash", "scripts/device_check.sh", "--out", str(tmp_path), "--stages", "env"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["env", "done"]
+    bad = subprocess.run(
+        ["bash", "scripts/device_check.sh", "--stages", "env,nope"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "'nope' is not one of env,tests,train" in bad.stderr

@@ -14,6 +14,7 @@ from tests.conftest import REPO, TINY
 CONFIG_STACKS = [
     ["quickstart.yaml"],
     ["mnist.yaml"],
+    ["mnist_large_batch.yaml"],
     *[["mnist.yaml", f"ablation/{p.name}"] for p in sorted((REPO / "configs/ablation").glob("*.yaml"))],
     ["multimnist.yaml"],
     ["multimnist.yaml", "multimnist_onthefly.yaml"],

@@ -329,7 +329,7 @@ def test_disk_full_save_is_one_paragraph_and_keeps_the_old_checkpoint(fitted: Pa
 @pytest.mark.parametrize("planted", ["config.yaml alias bomb", "pickled last.ckpt"])
 def test_report_reads_run_folders_as_data(planted: str, tmp_path: Path) -> None:
     """`capsdist.report` on a run folder with a planted config.yaml bomb (main: all memory) or a pickled last.ckpt
-    (main: a traceback): exit 2, one paragraph."""
+    (main: a traceback): the folder is skipped with its one-paragraph reason, and with nothing readable, exit 2."""
     import argparse
 
     (tmp_path / "csv" / "version_0").mkdir(parents=True)
@@ -340,5 +340,7 @@ def test_report_reads_run_folders_as_data(planted: str, tmp_path: Path) -> None:
         (tmp_path / "checkpoints").mkdir()
         torch.save({"global_step": argparse.Namespace(n=1)}, tmp_path / "checkpoints" / "last.ckpt")
     done, peak = run("capsdist.report", str(tmp_path))
-    one_paragraph(done, "through its aliases" if bomb else UNSAFE)
+    one_paragraph(done, "none of the 1 folder(s) could be read")
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("capsdist: skipped")]
+    assert len(skipped) == 1 and ("through its aliases" if bomb else UNSAFE) in skipped[0], done.stderr
     assert peak < 900, peak

@@ -32,7 +32,8 @@ def test_templates_accepted_by_slurmctld(slurm_cluster: SlurmCluster, template: 
     assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
     directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in path.read_text().splitlines()
                       if line.startswith("#SBATCH --") and "=" in line)  # fmt: skip
-    assert directives["signal"] == "USR1@90" and directives["open-mode"] == "append"
+    # B:USR1: the batch shell gets the warning and forwards it (README "SLURM", slurm/launch.sh)
+    assert directives["signal"] == "B:USR1@90" and directives["open-mode"] == "append"
     assert "#SBATCH --requeue" in path.read_text()
     assert directives["ntasks-per-node"] == directives["gpus-per-node"]
     assert directives["job-name"] not in ("bash", "interactive")  # Lightning would ignore SLURM
