@@ -147,6 +147,13 @@ class GracefulStop(pl.Callback):
         if path is not None:
             trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
         code = EXIT_CODES[request]
+        if request == TERMINATE and os.environ.get("CAPSDIST_REQUEUE") == "batch":
+            # under the templates the batch script sets the job's exit (slurm/launch.sh): the tasks end 0, so a
+            # routine requeue's step reads COMPLETED in sacct; a SIGTERM to the steps alone still fails the job
+            # through this mark (its code, 143, is the batch script's)
+            if trainer.is_global_zero and os.environ.get("CAPSDIST_STOP_MARK"):
+                Path(os.environ["CAPSDIST_STOP_MARK"]).touch()
+            code = 0
         note = ""
         if trainer.is_global_zero:
             if path and under_slurm:

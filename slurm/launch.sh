@@ -70,6 +70,9 @@ export CAPSDIST_JOB_END CAPSDIST_STOP_LEAD_S=${CAPSDIST_STOP_LEAD_S:-${signal_s:
 # alone is not enough, srun reports the highest code of all tasks.
 export CAPSDIST_REQUEUE_MARK="${TMPDIR:-/tmp}/capsdist-requeue-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
 rm -f "${CAPSDIST_REQUEUE_MARK}"
+# ... and this one when the tasks saved on SIGTERM (they then exit 0; this script decides the job's exit below)
+export CAPSDIST_STOP_MARK="${TMPDIR:-/tmp}/capsdist-stop-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+rm -f "${CAPSDIST_STOP_MARK}"
 echo "capsdist: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
   "${SLURM_NNODES} node(s) x ${SLURM_NTASKS_PER_NODE} task(s); run folder requested: ${root_dir}"
 # srun does not inherit --cpus-per-task from sbatch in Slurm 22.05-23.02: pass it on.
@@ -97,5 +100,13 @@ if [[ "${status}" == 75 || -f "${CAPSDIST_REQUEUE_MARK}" ]]; then
   scontrol requeue "${SLURM_JOB_ID}" && exit 0
 fi
 # SLURM's own SIGTERM (requeue, preemption, scancel): the tasks saved; SLURM records the job's state itself
+stopped=""
+if [[ -f "${CAPSDIST_STOP_MARK}" ]]; then stopped=1; rm -f "${CAPSDIST_STOP_MARK}"; fi
 if [[ -n "${terminated}" ]]; then exit 0; fi
+# a SIGTERM that reached the tasks but not this shell (`scancel --signal=TERM`): saved, but not finished
+if [[ -n "${stopped}" ]]; then
+  echo "capsdist: the tasks saved on SIGTERM and stopped early; the job exits 143 so that it does not look finished" \
+    "(resubmit with --ckpt_path last)" >&2
+  exit 143
+fi
 exit "${status}"

@@ -124,8 +124,7 @@ class _MnistArrays(BaseData):
         """With generate_on_device, compose drawn training batches on their device (validation comes composed)."""
         if "indices" in batch and getattr(self, "_composer", None) is None:  # the split copied there once
             split, device = self._splits["train"], batch["indices"].device
-            digits = self.source == "mnist"
-            composer = DeviceMnist(*split, device, self.max_shift) if digits else None
+            composer = DeviceMnist(*split, device, self.max_shift) if self.source == "mnist" else None
             self._composer = composer or DeviceMultiMnist(*split, device, self.seed)
         return self._composer.compose(batch) if "indices" in batch else batch
 
