@@ -18,8 +18,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytorch_lightning as pl
+import torch
 import yaml
-from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.prediction_writer import BasePredictionWriter
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
@@ -276,7 +277,22 @@ def run_checkpoints(folder: Path, every_n_steps: int) -> list[Callback]:
     ]
 
 
-class LineProgress(ProgressBar):
+class ShowsLoss:
+    """Progress-bar mixin: adds the module's host-side training values (``CapsNetModule.shown``, set on logging
+    steps), so no device value sits among Lightning's progress-bar metrics to be read back after every step."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+        """Lightning's progress-bar metrics plus the last logged training loss (read from the device once)."""
+        shown = getattr(pl_module, "shown", {})
+        shown.update({k: float(v) for k, v in shown.items() if isinstance(v, torch.Tensor)})
+        return {**super().get_metrics(trainer, pl_module), **shown}
+
+
+class Bar(ShowsLoss, TQDMProgressBar):
+    """Lightning's terminal progress bar, showing the training loss of the last logging step."""
+
+
+class LineProgress(ShowsLoss, ProgressBar):
     """The progress bar for logs that are not a terminal (SLURM, nohup, CI): one line every `every` training steps
     and one per validation, instead of a bar redrawn at every step (269 KB for the 937-step quickstart)."""
 

@@ -30,6 +30,7 @@ from capsdist.lightning_compat import PrivateOverrides
 from capsdist.module import CapsNetModule, CheckpointMismatchError
 from capsdist.nosync import LoggedThroughput
 from capsdist.run import (
+    Bar,
     LineProgress,
     LoggedConfig,
     PredictionWriter,
@@ -159,9 +160,9 @@ class CapsCLI(PrivateOverrides):
         callbacks.append(LoggedThroughput(batch_size_fn=batch_images))  # CUDA sync on logging steps only
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(root))
-        plain_log = not sys.stdout.isatty() and config.get("enable_progress_bar") is not False
-        if plain_log and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(LineProgress(config.get("log_every_n_steps") or 50))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            plain_log = not sys.stdout.isatty()  # SLURM, nohup, CI: lines, not a bar redrawn at every step
+            callbacks.append(LineProgress(config.get("log_every_n_steps") or 50) if plain_log else Bar())
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = resume.AtomicCheckpointIO()  # every save: temp file beside it, fsync, rename

@@ -18,9 +18,7 @@ def multimnist_batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 class DeviceMultiMnist:
-    """Batches composed on a device from MNIST held there (index gather + shift), for when CPU workers would starve a
-GPU: MultiMNIST overlays (``DeviceMultiMnist``) and the paper's shifted MNIST digits (``DeviceMnist``). Workers (or
-the main process: there is nothing left for workers to do) ship only indices and offsets."""
+    """The MNIST split on a device, MultiMNIST pairs composed there: the same batches as ``OnTheFlyMultiMnist``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str, seed: int = 0) -> None:
         """Copy the MNIST split (uint8 [N,28,28], labels [N]) to ``device`` once."""

@@ -115,6 +115,8 @@ def test_fit_into_a_log_file_is_quiet_and_short(tmp_path: Path) -> None:
     assert [noise for noise in NOISE if noise in proc.stderr] == [], proc.stderr
     assert "\r" not in log and len(log) < 1500, log  # the tqdm bar wrote ~150 bytes a step
     assert "step 10/20" in log and "step 20/20" in log and '"global_step": 20' in log
+    losses = re.findall(r"step (10|20)/20 .*train/loss=([\d.]+)", log)  # each line shows its own step's loss
+    assert [step for step, _ in losses] == ["10", "20"] and losses[0][1] != losses[1][1], log
 
 
 def test_console_scripts_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
