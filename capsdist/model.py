@@ -88,7 +88,7 @@ class CapsLayer(nn.Module):
         """Input capsules [B, n_in, d_in] -> routed output capsules [B, n_out, d_out]."""
         if self.chunk_size is not None:  # records no routing statistics (the coupling never exists whole)
             return streaming_routing(u, self.weight, self.iterations, self.detach, self.chunk_size or None)
-        return dynamic_routing(self.priors(u), self.iterations, self.detach, self.routing_stats)
+        return dynamic_routing(self.priors(u), self.iterations, self.detach, self.routing_stats, owned=True)
 
 
 class Decoder(nn.Module):

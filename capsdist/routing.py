@@ -98,12 +98,15 @@ def _squash_grad(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
 
 class _FullRouting(torch.autograd.Function):
     """Routing with gradients through every round (the paper's), as one autograd node over u [N, I, D] (N = batch x
-    outputs). Backward runs the rounds in reverse on small [N, I] and [N, D] tensors and accumulates every
-    round's contribution to d u in place into one buffer in u's layout: peak memory one prior-sized gradient, where
-    autograd's per-op backward made one prior-sized temporary per contribution and summed them."""
+    outputs). Backward runs the rounds in reverse on small [N, I] and [N, D] tensors, then writes d u, a sum of
+    outer products that never needs u itself, in one prior-sized buffer in u's layout. With ``reuse`` (u belongs
+    to this call alone, as `CapsLayer`'s priors do) that buffer is u's own memory: peak one prior-sized tensor
+    where autograd's per-op backward held u, its gradient and one temporary per contribution."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, batch: int, iterations: int, stats: RoutingStats | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, u: torch.Tensor, batch: int, iterations: int, stats: RoutingStats | None, reuse: bool
+    ) -> torch.Tensor:
         n_out = u.shape[0] // batch
         sums = [u.sum(dim=1) / n_out]  # round 1: uniform coupling
         vs, couplings, logits = [squash(sums[0])], [], None
@@ -119,43 +122,40 @@ class _FullRouting(torch.autograd.Function):
             sums.append(_weighted_sum(couplings[-1], u))
             vs.append(squash(sums[-1]))
         ctx.save_for_backward(u, *sums, *vs[:-1], *couplings)
-        ctx.batch, ctx.input_major = batch, _input_major(u)
+        ctx.batch, ctx.input_major, ctx.reuse = batch, _input_major(u), reuse
         return vs[-1]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
         u, *saved = ctx.saved_tensors
         rounds = (len(saved) + 2) // 3  # T sums, T-1 inputs v_1..v_{T-1} of the agreements, T-1 couplings
         sums, vs, couplings = saved[:rounds], saved[rounds : 2 * rounds - 1], saved[2 * rounds - 1 :]
         n, n_in, _ = u.shape
-        grad_u = None  # [N, I, D] in u's layout; written through its [I, N, D] view when input-major
+        terms = []  # d u = sum of coef [N, I] (x) vec [N, D] over these, plus the round-1 mean's share
         grad_logits = torch.zeros(n, n_in, dtype=u.dtype, device=u.device)
-
-        def accumulate(coef: torch.Tensor, vec: torch.Tensor) -> None:
-            nonlocal grad_u
-            if grad_u is None:
-                grad_u = _outer(coef, vec, ctx.input_major)
-            elif ctx.input_major:
-                grad_u.transpose(0, 1).addcmul_(coef.t().contiguous().unsqueeze(2), vec.unsqueeze(0))
-            else:
-                grad_u.addcmul_(coef.unsqueeze(2), vec.unsqueeze(1))
-
         for t in range(len(couplings), 0, -1):  # s_{t+1} = sum_i c_t u, c_t = softmax(b_t), b_t = sum_k<=t u . v_k
             grad_s = _squash_grad(sums[t], grad_v)
             coupling = couplings[t - 1]
-            accumulate(coupling, grad_s)
+            terms.append((coupling, grad_s))
             c = coupling.view(ctx.batch, -1, n_in)
             grad_c = _dot(u, grad_s).view_as(c)
-            grad_logits += (c * (grad_c - (c * grad_c).sum(dim=1, keepdim=True))).view(n, n_in)
-            accumulate(grad_logits, vs[t - 1])  # b_t .. b_{T-1} all hold u . v_t
+            grad_logits = grad_logits + (c * (grad_c - (c * grad_c).sum(dim=1, keepdim=True))).view(n, n_in)
+            terms.append((grad_logits, vs[t - 1]))  # b_t .. b_{T-1} all hold u . v_t
             grad_v = _weighted_sum(grad_logits, u)
         grad_mean = _squash_grad(sums[0], grad_v) / (n // ctx.batch)
-        if ctx.input_major:
-            grad_u.transpose(0, 1).add_(grad_mean.unsqueeze(0))
-        else:
-            grad_u.add_(grad_mean.unsqueeze(1))
-        return grad_u, None, None, None
+        # u is read for the last time above: from here on its memory may hold the gradient
+        grad_u = u if ctx.reuse else torch.empty_like(u)
+        out = grad_u.transpose(0, 1) if ctx.input_major else grad_u  # [I, N, D] contiguous when input-major
+        for k, (coef, vec) in enumerate(terms):
+            coef, vec = (coef.t().contiguous().unsqueeze(2), vec.unsqueeze(0)) if ctx.input_major else (
+                coef.unsqueeze(2), vec.unsqueeze(1))  # fmt: skip
+            if k == 0:
+                torch.mul(coef, vec, out=out)
+            else:
+                out.addcmul_(coef, vec)
+        out.add_(grad_mean.unsqueeze(0 if ctx.input_major else 1))
+        return grad_u, None, None, None, None
 
 
 class RoutingStats:
@@ -193,7 +193,11 @@ class RoutingStats:
 
 
 def dynamic_routing(
-    u_hat: torch.Tensor, iterations: int = 3, detach: bool = False, stats: RoutingStats | None = None
+    u_hat: torch.Tensor,
+    iterations: int = 3,
+    detach: bool = False,
+    stats: RoutingStats | None = None,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Route prediction vectors u_hat [B, n_in, n_out, d] to output capsules v [B, n_out, d].
 
@@ -201,7 +205,8 @@ def dynamic_routing(
     s_j = sum_i c_ij u_hat_j|i, v_j = squash(s_j), then b_ij += u_hat_j|i . v_j (skipped after the last round).
     With `detach`, every round but the last sees u_hat detached (values identical, cheaper backward).
     Any memory layout is accepted; the input-major one of `CapsLayer.priors` avoids every copy. With `stats`, each
-    round's coupling entropy and largest coupling are added to it (no coupling tensor is kept).
+    round's coupling entropy and largest coupling are added to it (no coupling tensor is kept). ``owned``: u_hat
+    is a temporary no one else reads (`CapsLayer`'s priors), so backward may write its gradient over it.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
@@ -211,7 +216,10 @@ def dynamic_routing(
         # [B*n_out, n_in, d]: a view of input-major memory (a copy only for other layouts)
         flat = u.transpose(0, 1).reshape(n_in, batch * n_out, d).transpose(0, 1)
         if iterations > 1 and not detach:
-            return _FullRouting.apply(flat, batch, iterations, stats).view(batch, n_out, d)
+            # a compiled graph owns its buffers: writing over a saved input there only forces a copy
+            copied = flat.untyped_storage().data_ptr() != u_hat.untyped_storage().data_ptr()
+            reuse = (owned or copied) and not torch.compiler.is_compiling()
+            return _FullRouting.apply(flat, batch, iterations, stats, reuse).view(batch, n_out, d)
         inner = flat.detach() if detach else flat
         # round 1: the softmax of all-zero logits is uniform, so s_j is the plain mean over inputs
         v = squash((flat if iterations == 1 else inner).sum(dim=1) / n_out)

@@ -138,3 +138,22 @@ def test_strided_conv2d_leaves_other_convolutions_to_torch():
         torch.nn.Conv2d(2, 3, 3, (1, 2)),
     ):
         torch.testing.assert_close(strided_conv2d(x, conv), conv(x), rtol=0, atol=0)
+
+
+def test_layer_writing_the_gradient_over_its_priors_matches_autograd():
+    """CapsLayer's priors are its own temporary, so full routing's backward writes d u_hat over them: W's and u's
+    gradients still equal plain autograd's, and a second backward through that graph is refused by autograd's
+    version check instead of reading overwritten priors."""
+    torch.manual_seed(0)
+    layer = CapsLayer(n_in=12, d_in=4, n_out=3, d_out=5).double()
+    u, weights = torch.randn(2, 12, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 5).double()
+    (layer(u) * weights).sum().backward(retain_graph=True)
+    fast = (layer.weight.grad.clone(), u.grad.clone())
+    layer.weight.grad = u.grad = None
+    plain_priors = torch.einsum("iokd,bid->biok", layer.weight, u)
+    (plain_routing(plain_priors, 3, detach=False) * weights).sum().backward()
+    torch.testing.assert_close(fast, (layer.weight.grad, u.grad), rtol=1e-10, atol=1e-12)
+    out = layer(u)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
