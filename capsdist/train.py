@@ -114,8 +114,6 @@ class CapsCLI(PrivateOverrides):
             default=1000,
             help="rolling snapshot and last.ckpt every n steps; 0: at each epoch end",
         )
-        if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # loader workers fit the task's CPUs (1 trains)
-            parser.set_defaults({"data.num_workers": min(8, int(os.environ["SLURM_CPUS_PER_TASK"]) - 1)})
 
     def before_instantiate_classes(self) -> None:
         """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); turn
@@ -206,7 +204,7 @@ class CapsCLI(PrivateOverrides):
                 resume.check_identity(checkpoint, path, model, data)
                 strategy = self.trainer.strategy
                 world = getattr(strategy, "data_parallel_size", None) or self.trainer.world_size
-                workers = int(data.get("num_workers", 0))
+                workers = self.datamodule.num_workers  # the count the loaders run with (a default resolved)
                 same_workers = getattr(self.datamodule, "resume_needs_same_workers", False)  # in-memory: any count
                 resume.check_loader(checkpoint, world, workers, same_workers)
                 del checkpoint

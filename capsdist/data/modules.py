@@ -19,6 +19,7 @@ settings that module has (the others are meaningless for that source and ignored
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable
 from typing import ClassVar, Literal
 
@@ -46,7 +47,7 @@ class BaseData(pl.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         seed: int = 0,
         train_batches_per_epoch: int | None = None,
         val_batches: int | None = None,
@@ -54,8 +55,15 @@ class BaseData(pl.LightningDataModule):
     ) -> None:
         """Settings of every source (subclasses document them)."""
         super().__init__()
-        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
+        workers = self.default_workers() if num_workers is None else num_workers
+        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
         self.train_batches_per_epoch, self.val_batches = train_batches_per_epoch, val_batches
+
+    @staticmethod
+    def default_workers() -> int:
+        """Loader workers when none are configured: 2, or the SLURM task's CPUs but one (the one trains), up to 8."""
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+        return min(8, int(cpus) - 1) if cpus.isdigit() else 2
 
     def _save(self) -> None:
         """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
@@ -107,6 +115,13 @@ class BaseData(pl.LightningDataModule):
 class _MnistArrays(BaseData):
     """Base of the sources that read MNIST into memory."""
 
+    @staticmethod
+    def default_workers() -> int:
+        """None: a batch here is an index gather and a shift, 0.3 ms in the main process, where receiving it from
+        a worker process costs ~1.7 ms (a file descriptor passed per tensor) and the worker competes for the
+        cores (quickstart on 2 CPU cores; docs/benchmarks.md)."""
+        return 0
+
     mnist_dir: str | None
     _train_cap: int | None = None
 
@@ -140,7 +155,7 @@ class MnistData(_MnistArrays):
         self,
         mnist_dir: str | None = None,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         train_batches_per_epoch: int | None = None,
         val_batches: int | None = None,
         train_samples: int | None = None,
@@ -155,7 +170,7 @@ class MnistData(_MnistArrays):
         Args:
             mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank.
+            num_workers: DataLoader worker processes per rank (default: 0, as the batches are made in memory).
             train_batches_per_epoch: batches per rank per epoch (default: all full batches of this rank's share).
             val_batches: cap on validation batches per rank.
             train_samples: use only the first N training images.
@@ -205,7 +220,7 @@ class OnTheFlyData(_MnistArrays):
         self,
         mnist_dir: str | None = None,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         train_batches_per_epoch: int | None = None,
         val_batches: int | None = None,
         train_samples: int | None = None,
@@ -219,7 +234,7 @@ class OnTheFlyData(_MnistArrays):
         Args:
             mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank.
+            num_workers: DataLoader worker processes per rank (default: 0, as the batches are made in memory).
             train_batches_per_epoch: batches per rank per epoch (default: train_samples / (world * batch_size)).
             val_batches: validation batches per rank (default: val_samples / (world * batch_size)).
             train_samples: samples per epoch, all ranks together (default: the size of the MNIST train split).
@@ -270,7 +285,7 @@ class ShardData(BaseData):
         val_shards: str | list[str] | None = None,
         test_shards: str | list[str] | None = None,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         shuffle_buffer: int = 2000,
         train_batches_per_epoch: int | None = None,
         val_batches: int | None = None,
@@ -286,7 +301,8 @@ class ShardData(BaseData):
             val_shards: validation shards, read once per validation.
             test_shards: shards that `test` and `predict` read once (default: val_shards).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank (a resume needs the same number).
+            num_workers: DataLoader worker processes per rank (a resume needs the same number; default: 2, or
+                the SLURM task's CPUs but one, at most 8).
             shuffle_buffer: samples in each shard worker's shuffle buffer.
             train_batches_per_epoch: batches per rank per epoch (default: from train_samples or manifest.json).
             val_batches: cap on validation batches per rank.
@@ -356,7 +372,7 @@ class CapsDataModule(BaseData):
         val_shards: str | list[str] | None = None,
         test_shards: str | list[str] | None = None,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         shuffle_buffer: int = 2000,
         train_batches_per_epoch: int | None = None,
         val_batches: int | None = None,
@@ -377,7 +393,9 @@ class CapsDataModule(BaseData):
             val_shards: shards: validation shards.
             test_shards: shards: what `test` and `predict` read (default: val_shards).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank.
+            num_workers: DataLoader worker processes per rank (default: 0 for mnist and on-the-fly, whose batches
+                are made in memory faster than a worker can hand them over; 2 for shards, or the SLURM task's
+                CPUs but one, at most 8).
             shuffle_buffer: shards: samples in each shard worker's shuffle buffer.
             train_batches_per_epoch: batches per rank per epoch (default: derived from the data size).
             val_batches: cap on validation batches per rank.

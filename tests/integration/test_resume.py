@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.data.modules import CapsDataModule
 from capsdist.resume import atomic_save
 from tests.conftest import TINY
 from tests.scale_probe import probe_config, records, train_env, wait_paused
@@ -177,11 +178,27 @@ def test_short_time_left_stops_before_validation(tmp_path: Path) -> None:
     assert result["global_step"] == 1 and result["stopped"].startswith("requeue") and "val/loss" not in result
 
 
-def test_loader_workers_default_from_the_slurm_allocation() -> None:
-    """Under SLURM the DataLoader workers default to the task's CPUs minus the training process."""
-    proc = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", "--print_config"], capture_output=True,
-                          text=True, timeout=120, env=train_env(SLURM_CPUS_PER_TASK="5"))  # fmt: skip
-    assert "  num_workers: 4\n" in proc.stdout, proc.stderr[-2000:]
+def test_loader_workers_default_from_the_source_and_the_slurm_allocation(
+    tmp_path: Path, shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards decode images in DataLoader workers: 2 of them, or under SLURM the task's CPUs minus the training
+    process (read back from the loader state a checkpoint records, as a resume checks it); the in-memory sources
+    make their batches in the training process (a worker would only add the hand-over)."""
+    root = tmp_path / "run"
+    data = [f"--data.train_shards={shards}", f"--data.val_shards={shards}", "--data.batch_size=8"]
+    args = [*[f for f in TINY if "num_workers" not in f], "--data.source=multimnist_shards", *data,
+            "--data.train_samples=32", f"--trainer.default_root_dir={root}", "--trainer.max_steps=1",
+            "--wandb_mode=disabled"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", *args], capture_output=True, text=True,
+                          timeout=300, env=train_env(SLURM_CPUS_PER_TASK="5"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
+    assert state["combined_loader"][0]["num_workers"] == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert CapsDataModule(source="multimnist_shards", train_shards=str(shards)).num_workers == 2
+    for source in ("mnist", "multimnist_onthefly"):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "5")
+        assert CapsDataModule(source=source).num_workers == 0
 
 
 def test_usr1_without_scontrol_saves_and_exits_for_requeue(tmp_path: Path) -> None:

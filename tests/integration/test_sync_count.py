@@ -32,11 +32,11 @@ def counted_fit(monkeypatch: pytest.MonkeyPatch, root: Path, *flags: str) -> Syn
 
 
 def test_ordinary_step_never_reads_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Defaults on (loader workers, W&B offline, diagnostics, guard, stop flag, throughput, progress lines): a step
+    """Defaults on (W&B offline, diagnostics, guard, stop flag, throughput, progress lines), loader workers on: a step
     that is not a logging step makes no device->host read at all; logging steps may read, and the loss they log
     reaches the progress lines."""
     flags = ["--trainer.log_every_n_steps=5", "--trainer.max_steps=12", "--data.train_samples=640"]
-    counter = counted_fit(monkeypatch, tmp_path, "--wandb_mode=offline", *flags)
+    counter = counted_fit(monkeypatch, tmp_path, "--wandb_mode=offline", "--data.num_workers=2", *flags)
     logging = {5, 10}
     ordinary = {step: reads for step, reads in counter.steps.items() if step not in logging and 1 < step < 12}
     assert len(ordinary) == 8
