@@ -1,4 +1,5 @@
-"""LightningDataModules, one per source, on a small shared base; ``CapsDataModule`` is the CLI's entry.
+"""LightningDataModules, one per source, on a small shared base (``predict`` reads what ``test`` reads);
+``CapsDataModule`` is the CLI's entry.
 
   - ``MnistData`` (``source: mnist``): the IDX arrays in memory, the paper's augmentation (shift of up to
     ``max_shift`` px, zero padded); recon = the shifted image. Validation and test both read the official 10k test
@@ -8,8 +9,6 @@
     indices/offsets and composes on the GPU in ``on_after_batch_transfer`` (same samples, no CPU image work).
   - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``); ``test`` reads
     ``test_shards`` (default: the validation shards).
-
-``predict`` reads what ``test`` reads.
 
 ``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working (``data.source: mnist``,
 ``--data.batch_size 64``): it takes the union of the settings and returns the source's module, built from the
@@ -43,6 +42,7 @@ class BaseData(pl.LightningDataModule):
     source: ClassVar[str]
     image_size: ClassVar[int] = recipe.CANVAS  # input height/width, known before setup (for link_arguments)
     num_targets: ClassVar[int] = 2  # digits per image (K)
+    in_memory: ClassVar[bool] = False  # batches made from arrays in memory (no loader workers by default)
 
     def __init__(
         self,
@@ -55,15 +55,11 @@ class BaseData(pl.LightningDataModule):
     ) -> None:
         """Settings of every source (subclasses document them)."""
         super().__init__()
-        workers = self.default_workers() if num_workers is None else num_workers
-        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
+        if num_workers is None:  # 2, or the SLURM task's CPUs but the training one (up to 8); none in memory
+            cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+            num_workers = 0 if self.in_memory else min(8, int(cpus) - 1) if cpus.isdigit() else 2
+        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
         self.train_batches_per_epoch, self.val_batches = train_batches_per_epoch, val_batches
-
-    @staticmethod
-    def default_workers() -> int:
-        """Loader workers when none are configured: 2, or the SLURM task's CPUs but one (the one trains), up to 8."""
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-        return min(8, int(cpus) - 1) if cpus.isdigit() else 2
 
     def _save(self) -> None:
         """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
@@ -115,13 +111,7 @@ class BaseData(pl.LightningDataModule):
 class _MnistArrays(BaseData):
     """Base of the sources that read MNIST into memory."""
 
-    @staticmethod
-    def default_workers() -> int:
-        """None: a batch here is an index gather and a shift, 0.3 ms in the main process, where receiving it from
-        a worker process costs ~1.7 ms (a file descriptor passed per tensor) and the worker competes for the
-        cores (quickstart on 2 CPU cores; docs/benchmarks.md)."""
-        return 0
-
+    in_memory = True  # a batch is a gather and a shift: 0.3 ms in this process, 1.7 ms to receive from a worker
     mnist_dir: str | None
     _train_cap: int | None = None
 
@@ -134,6 +124,14 @@ class _MnistArrays(BaseData):
         for split, cap in (("train", self._train_cap), ("test", None)):
             images, labels = mnist.load(folder, split)
             self._splits[split] = (torch.from_numpy(images[:cap]), torch.from_numpy(labels[:cap]).long())
+
+    def val_dataloader(self) -> ResumableLoader:
+        """The test split's stream, val_samples long (val_batches caps it)."""
+        return self._test_stream(self.val_samples, self.val_batches)
+
+    def test_dataloader(self) -> ResumableLoader:
+        """The test split's stream, 10,000 samples (the start of the validation stream when val_samples < 10k)."""
+        return self._test_stream(None, None)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """With generate_on_device, compose drawn training batches on their device (validation comes composed)."""
@@ -194,7 +192,7 @@ class MnistData(_MnistArrays):
         )  # fmt: skip
         return self._loader(stream, train=True)
 
-    def _test_split(self, samples: int | None, batches: int | None) -> ResumableLoader:
+    def _test_stream(self, samples: int | None, batches: int | None) -> ResumableLoader:
         """This rank's share of the first `samples` test digits (all by default), unshifted, in order."""
         images, labels = self._splits["test"]
         cap = slice(None, samples)
@@ -202,13 +200,6 @@ class MnistData(_MnistArrays):
         stream = MnistStream(images[cap], labels[cap], self.batch_size, False, num_batches=batches, **args)
         return self._loader(stream, train=False)
 
-    def val_dataloader(self) -> ResumableLoader:
-        """The test split (val_samples and val_batches cap it)."""
-        return self._test_split(self.val_samples, self.val_batches)
-
-    def test_dataloader(self) -> ResumableLoader:
-        """All 10,000 test digits (Trainer's limit_test_batches caps them)."""
-        return self._test_split(None, None)
 
 
 class OnTheFlyData(_MnistArrays):
@@ -264,13 +255,6 @@ class OnTheFlyData(_MnistArrays):
         stream = OnTheFlyMultiMnist(images, labels, self.batch_size, n, train=False, **self._stream_args())
         return self._loader(stream, train=False)
 
-    def val_dataloader(self) -> ResumableLoader:
-        """The fixed test stream, val_samples long (val_batches caps it)."""
-        return self._test_stream(self.val_samples, self.val_batches)
-
-    def test_dataloader(self) -> ResumableLoader:
-        """The fixed test stream, 10,000 samples (the start of the validation stream when val_samples < 10k)."""
-        return self._test_stream(None, None)
 
 
 class ShardData(BaseData):
@@ -301,8 +285,7 @@ class ShardData(BaseData):
             val_shards: validation shards, read once per validation.
             test_shards: shards that `test` and `predict` read once (default: val_shards).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank (a resume needs the same number; default: 2, or
-                the SLURM task's CPUs but one, at most 8).
+            num_workers: DataLoader workers per rank (a resume needs the same number; default 2, SLURM: CPUs - 1, <= 8).
             shuffle_buffer: samples in each shard worker's shuffle buffer.
             train_batches_per_epoch: batches per rank per epoch (default: from train_samples or manifest.json).
             val_batches: cap on validation batches per rank.
@@ -393,9 +376,7 @@ class CapsDataModule(BaseData):
             val_shards: shards: validation shards.
             test_shards: shards: what `test` and `predict` read (default: val_shards).
             batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank (default: 0 for mnist and on-the-fly, whose batches
-                are made in memory faster than a worker can hand them over; 2 for shards, or the SLURM task's
-                CPUs but one, at most 8).
+            num_workers: DataLoader workers per rank (default 0 in memory; shards: 2, SLURM: CPUs - 1, <= 8).
             shuffle_buffer: shards: samples in each shard worker's shuffle buffer.
             train_batches_per_epoch: batches per rank per epoch (default: derived from the data size).
             val_batches: cap on validation batches per rank.
