@@ -27,6 +27,8 @@ def test_chunked_peak_is_a_fraction_of_the_default():
     assert (default["chunk_size"], chunked["chunk_size"]) == (None, 64)
     priors = 16 * 2048 * 32 * 16 * 4
     assert default["priors_bytes"] == priors and default["peak_bytes"] >= priors  # at least the priors themselves
-    assert default["peak_bytes"] <= 2.5 * priors  # d priors accumulated in place (4.1x with a temporary per round)
-    assert chunked["peak_bytes"] <= default["peak_bytes"] / 3
+    # d priors written over the priors (2.4x when accumulated beside them, 4.1x with a temporary per round);
+    # W's gradient, 0.5x the priors at batch 16, is in both peaks
+    assert default["peak_bytes"] <= 2 * priors
+    assert chunked["peak_bytes"] <= default["peak_bytes"] / 2
     assert chunked["peak_bytes"] >= chunked["weight_bytes"]  # W's gradient is part of the step
