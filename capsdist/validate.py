@@ -60,6 +60,7 @@ MODEL_RULES = {
     ),
     "detach_routing": (lambda v: type(v) is bool, "true or false"),
     "reconstruction": (lambda v: type(v) is bool, "true or false"),
+    "weight_init": (lambda v: v in ("paper", "scaled"), '"paper" (default) or "scaled" (stacks of routed layers)'),
 }
 DATA_RULES = {
     "batch_size": _int(1, 1 << 16),  # per rank; bounds what one batch (also one set by a file) allocates
