@@ -17,7 +17,9 @@ from tests.conftest import REPO
 from tests.scale_probe import train_env
 from tests.wandb_records import read_run, wandb_files
 
-PEAK_BOUND_MB = 2500  # per rank; measured 2,030 MB (README "Training large capsule models")
+# per rank; measured 2,008 MB training (one loader worker), 2,705 MB on rank 0 at the end of fit, where the W&B
+# figures are drawn by a plain CapsNet holding the full gathered weights (README "Training large capsule models")
+PEAK_BOUND_MB = 3000
 # run a command and report the largest resident set of it and all its descendants (each rank is one)
 PEAK = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; " \
        "print('peak_mb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, file=sys.stderr); sys.exit(r)"
