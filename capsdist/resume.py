@@ -176,7 +176,7 @@ def resolve(ckpt_path: str, root: str | Path) -> tuple[Path, int]:
             )
         return found
     path = best(root) if ckpt_path == "best" else Path(ckpt_path)
-    if path is None or not path.is_file():
+    if path is None or not path.exists():  # a directory: a sharded checkpoint
         raise ResumeError(
             f"--ckpt_path {ckpt_path}: no such checkpoint (run folder {root}). Fix: pass `last`, `best` or the path "
             "of a .ckpt that training wrote."
