@@ -200,9 +200,11 @@ def plain_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CapsNet |
     state = getattr(trainer.strategy, "full_weights", trainer.strategy.lightning_module_state_dict)()
     if not trainer.is_global_zero:
         return None
-    model = CapsNet(**{k: v for k, v in pl_module.hparams.items() if k in MODEL_ARGS})
+    with torch.device("meta"):  # no second copy of the weights: the gathered tensors become the model's own
+        model = CapsNet(**{k: v for k, v in pl_module.hparams.items() if k in MODEL_ARGS})
     prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)})
+    weights = {k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
+    model.load_state_dict(weights, assign=True)
     return model.eval()
 
 

@@ -7,7 +7,7 @@ The paper's MNIST model is `CapsNet()`: 8,215,568 parameters, 6,804,224 without 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +15,28 @@ from torch import nn
 from capsdist.conv import strided_conv2d
 from capsdist.routing import RoutingStats, dynamic_routing, squash
 from capsdist.streaming import streaming_routing
+
+WEIGHT_INITS = ("paper", "scaled")
+PAPER_STD = 0.01  # the paper's W_ij ~ N(0, 0.01^2), whatever the layer's size
+# What the "scaled" init assumes and aims at. Routed inputs are squashed outputs of a layer that starts at |s| ~ 1
+# (squash(1) = 1/2); primaries start shorter under PyTorch's default conv init, measured 0.10-0.14 on MNIST and
+# MultiMNIST. At uniform coupling (routing's first round) |s| starts at 1/2; the agreement rounds then concentrate
+# each input's coupling and lengthen it to ~1 (measured after 3 rounds: 1.19 and 0.65 for configs/large_cpu.yaml's
+# two layers, 1.10 for the paper's layer), where squash's slope 2|s|/(1+|s|^2)^2 is near its largest.
+ROUTED_INPUT_LENGTH = 0.5
+PRIMARY_INPUT_LENGTH = 0.1
+FIRST_ROUND_LENGTH = 0.5
+
+
+def scaled_std(n_in: int, d_out: int, n_out: int, input_length: float) -> float:
+    """Std of W_ij that gives each output capsule a pre-squash length |s_j| ~ FIRST_ROUND_LENGTH at coupling 1/n_out.
+
+    s_j = (1/n_out) sum_i W_ij u_i sums n_in independent d_out-vectors of variance std^2 |u_i|^2 per component, so
+    E|s_j|^2 = n_in d_out std^2 |u|^2 / n_out^2. With the paper's fixed 0.01 instead, a layer behind thousands of
+    inputs starts at |s| ~ 0.01, squash ~ |s|^2 shrinks that to ~1e-4, and a second routed layer leaves class
+    lengths ~1e-13 and gradients ~1e-21: far below Adam's eps (1e-8), so nothing trains.
+    """
+    return FIRST_ROUND_LENGTH * n_out / (input_length * (n_in * d_out) ** 0.5)
 
 
 class CapsOutput(NamedTuple):
@@ -67,12 +89,13 @@ class CapsLayer(nn.Module):
         iterations: int = 3,
         detach: bool = False,
         chunk_size: int | None = None,
+        init_std: float = PAPER_STD,
     ) -> None:
         super().__init__()
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
         self.iterations, self.detach, self.chunk_size = iterations, detach, chunk_size
         self.routing_stats: RoutingStats | None = None  # set by capsdist.routing.attach_routing_stats
-        self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * 0.01)
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * init_std)
 
     def priors(self, u: torch.Tensor) -> torch.Tensor:
         """Prediction vectors u_hat_j|i = W_ij u_i: [B, n_in, d_in] -> [B, n_in, n_out, d_out].
@@ -142,6 +165,7 @@ class CapsNet(nn.Module):
         decoder_hidden: Sequence[int] = (512, 1024),
         reconstruction: bool = True,
         routing_chunk_size: int | None = None,
+        weight_init: Literal["paper", "scaled"] = "paper",
     ) -> None:
         """Build the network; the defaults are the paper's MNIST model.
 
@@ -163,6 +187,9 @@ class CapsNet(nn.Module):
                 size picked from the tensor sizes; None: off.
             decoder_hidden: widths of the decoder's hidden layers (paper: [512, 1024]).
             reconstruction: whether to build the decoder (reconstruction loss and images).
+            weight_init: routed layers' W_ij: "paper" N(0, 0.01^2) (the paper; fine for one routed layer), "scaled"
+                a std from each layer's shape so every routed layer starts where squash passes gradient
+                (capsdist.model.scaled_std; needed for stacks of routed layers behind thousands of primaries).
         """
         super().__init__()
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
@@ -175,10 +202,14 @@ class CapsNet(nn.Module):
         self.num_primary = primary_channels * grid * grid
         self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
         self.primary = PrimaryCaps(conv_channels, primary_channels, primary_dim, primary_kernel, primary_stride)
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init is {weight_init!r}: use one of {', '.join(WEIGHT_INITS)}")
         dims = [(self.num_primary, primary_dim), *layers]
+        lengths = [PRIMARY_INPUT_LENGTH] + [ROUTED_INPUT_LENGTH] * (len(layers) - 1)
         self.caps = nn.ModuleList(
-            CapsLayer(n_in, d_in, n_out, d_out, routing_iterations, detach_routing, routing_chunk_size)
-            for (n_in, d_in), (n_out, d_out) in zip(dims[:-1], dims[1:], strict=True)
+            CapsLayer(n_in, d_in, n_out, d_out, routing_iterations, detach_routing, routing_chunk_size, std)
+            for (n_in, d_in), (n_out, d_out), length in zip(dims[:-1], dims[1:], lengths, strict=True)
+            for std in [scaled_std(n_in, d_out, n_out, length) if weight_init == "scaled" else PAPER_STD]
         )
         out_dim = layers[-1][1]
         shape = (in_channels, image_size, image_size)

@@ -33,7 +33,7 @@ from capsdist import CapsdistError
 from capsdist.checkpoint import MODEL_ARGS
 from capsdist.data.loader import ResumableLoader, check_state
 from capsdist.module import CheckpointMismatchError
-from capsdist.sharded_checkpoint import read_meta
+from capsdist.sharded_checkpoint import read_full, read_meta
 
 _STARTED = time.time()  # this process's start (the import of the training CLI): older temp files are stale
 JOB_FILE = "slurm_job"  # in the run folder: the launch (SLURM job, torchrun) that owns it, for automatic restarts
@@ -108,7 +108,12 @@ def _umask() -> int:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with :func:`atomic_save` (Lightning's own moves a ``$TMPDIR`` file, no fsync)."""
+    """Lightning's checkpoint IO with :func:`atomic_save` (Lightning's own moves a ``$TMPDIR`` file, no fsync); a
+    sharded checkpoint directory loads whole, so a plain (one-process, DDP) run resumes a capsule-parallel one."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """A file as Lightning loads it; a sharded ``NAME.ckpt/`` directory as the one file `convert` would write."""
+        return read_full(path) if Path(path).is_dir() else super().load_checkpoint(path, map_location, weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically."""
@@ -171,7 +176,7 @@ def resolve(ckpt_path: str, root: str | Path) -> tuple[Path, int]:
             )
         return found
     path = best(root) if ckpt_path == "best" else Path(ckpt_path)
-    if path is None or not path.is_file():
+    if path is None or not path.exists():  # a directory: a sharded checkpoint
         raise ResumeError(
             f"--ckpt_path {ckpt_path}: no such checkpoint (run folder {root}). Fix: pass `last`, `best` or the path "
             "of a .ckpt that training wrote."

@@ -60,6 +60,7 @@ MODEL_RULES = {
     ),
     "detach_routing": (lambda v: type(v) is bool, "true or false"),
     "reconstruction": (lambda v: type(v) is bool, "true or false"),
+    "weight_init": (lambda v: v in ("paper", "scaled"), '"paper" (default) or "scaled" (stacks of routed layers)'),
 }
 DATA_RULES = {
     "batch_size": _int(1, 1 << 16),  # per rank; bounds what one batch (also one set by a file) allocates
@@ -99,7 +100,7 @@ def check_run(config: Mapping[str, Any]) -> None:
     check("", {"checkpoint_every_n_steps": config.get("checkpoint_every_n_steps")}, RUN_RULES)
     ckpt = config.get("ckpt_path")
     special = ckpt in (None, "last", "best", "auto", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
-    if not special and not Path(ckpt).is_file():
+    if not special and not Path(ckpt).exists():  # a directory: a sharded checkpoint (capsdist.sharded_checkpoint)
         raise ConfigError(
             f"--ckpt_path {ckpt}: no such file. Fix: pass a .ckpt that training wrote "
             "(runs/NAME/checkpoints/), `last` or `best`, or leave it out to start a fresh run."

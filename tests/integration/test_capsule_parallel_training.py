@@ -23,7 +23,7 @@ def _fit(tmp_path: Path, name: str, devices: int, steps: int, *extra: str, strat
         "trainer": {"accelerator": "cpu", "precision": 32, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                     "enable_model_summary": False},
         "model": TINY_MODEL,  # one routed layer, 144 input capsules (a second one would start with ~0 gradients)
-        "data": {"source": "mnist", "batch_size": 8, "num_workers": 0, "train_samples": 16, "val_samples": 8},
+        "data": {"source": "mnist", "batch_size": 8, "train_samples": 16, "val_samples": 8},  # default loader workers
     })  # fmt: skip
     overlay = ["--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml")] if devices > 1 else []
     cmd = [sys.executable, "-m", "capsdist.train", "fit", "--config", str(config), *overlay, "--wandb_mode=disabled",
@@ -49,7 +49,7 @@ def _assert_close(ours: dict, theirs: dict) -> None:
 def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     """2 steps (batches of 8) with 1 process and with 2 capsule-parallel processes (each rank the full batch): the
     same weights and Adam moments, saved sharded (a directory). Resumed from it to step 4 by 2 capsule-parallel
-    processes (`--ckpt_path last`) and, converted to one file, by 1 process: the same weights. evaluate's loader
+    processes (`--ckpt_path last`) and, the directory itself, by 1 plain process: the same weights. evaluate's loader
     reads the directory into a plain CapsNet."""
     single = _load(_fit(tmp_path, "single", 1, 2))
     first = _fit(tmp_path, "sharded", 2, 2)
@@ -63,7 +63,8 @@ def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly
     assert first.is_dir()  # sharded: each rank wrote its rows (capsdist.sharded_checkpoint)
     one_file = tmp_path / "one.ckpt"
     main(["convert", str(first), str(one_file)])
-    alone = _load(_fit(tmp_path, "alone", 1, 4, f"--ckpt_path={one_file}"))
+    _assert_close(_load(one_file)["state_dict"], sharded["state_dict"])
+    alone = _load(_fit(tmp_path, "alone", 1, 4, f"--ckpt_path={first}"))  # a plain run resumes the directory
     resumed = _load(_fit(tmp_path, "sharded", 2, 4, "--ckpt_path=last"))
     assert resumed["global_step"] == alone["global_step"] == 4
     _assert_close(resumed["state_dict"], alone["state_dict"])
