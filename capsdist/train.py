@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist import CapsdistError, prog, resume, shipped, signals, user_errors
+from capsdist.allocator import keep_freed_memory
 from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
 from capsdist.diagnostics import CapsuleDiagnostics, batch_images
@@ -260,6 +261,7 @@ class CapsCLI(PrivateOverrides):
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m capsdist.train`; bad input exits with status 2 and a one-paragraph message."""
     signals.install()  # first: a stop during the slow setup is recorded, not fatal (capsdist.signals)
+    keep_freed_memory()  # no page faults re-zeroing each step's activations (capsdist.allocator)
     quiet_known_warnings()
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["configs"]:  # `capsdist-train configs`: what --config NAME can name
