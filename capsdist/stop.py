@@ -147,11 +147,11 @@ class GracefulStop(pl.Callback):
         if path is not None:
             trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
         code = EXIT_CODES[request]
-        if request == TERMINATE and os.environ.get("CAPSDIST_REQUEUE") == "batch":
-            # under the templates the batch script sets the job's exit (slurm/launch.sh): the tasks end 0, so a
-            # routine requeue's step reads COMPLETED in sacct; a SIGTERM to the steps alone still fails the job
-            # through this mark (its code, 143, is the batch script's)
-            if trainer.is_global_zero and os.environ.get("CAPSDIST_STOP_MARK"):
+        if request != INTERRUPT and os.environ.get("CAPSDIST_REQUEUE") == "batch":
+            # under the templates the batch script sets the job's exit from the marks rank 0 leaves (slurm/launch.sh):
+            # the tasks end 0, so a routine requeue's step reads COMPLETED in sacct, not FAILED 75 or 143; a SIGTERM
+            # to the steps alone still fails the job through this mark (its code, 143, is the batch script's)
+            if trainer.is_global_zero and request == TERMINATE and os.environ.get("CAPSDIST_STOP_MARK"):
                 Path(os.environ["CAPSDIST_STOP_MARK"]).touch()
             code = 0
         note = ""
@@ -180,10 +180,10 @@ class GracefulStop(pl.Callback):
         job = job_id()
         if not under_slurm or not job:
             return "not under SLURM: nothing to requeue", EXIT_CODES[REQUEUE]
-        if os.environ.get("CAPSDIST_REQUEUE") == "batch":
+        if os.environ.get("CAPSDIST_REQUEUE") == "batch":  # the mark is what the batch script reads: exit 0
             if os.environ.get("CAPSDIST_REQUEUE_MARK"):
                 Path(os.environ["CAPSDIST_REQUEUE_MARK"]).touch()
-            return f"the batch script requeues job {job}", EXIT_CODES[REQUEUE]
+            return f"the batch script requeues job {job}", 0
         if shutil.which("scontrol") is None:
             rank_zero_warn(
                 "capsdist: no `scontrol` in the task environment (a container?): cannot requeue from here. "

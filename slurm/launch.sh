@@ -4,7 +4,8 @@
 # Stops (README "Scaling out"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
 # (capsdist.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
 # forwards it to the tasks through srun (all-task `--signal=USR1@N` works too, but also reaches loader workers
-# and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (exit 75) this shell, on
+# and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (rank 0 leaves the
+# requeue mark and every task ends 0; exit 75 from a task outside the templates means the same) this shell, on
 # the host where scontrol exists, requeues the job (at most CAPSDIST_MAX_REQUEUES times) and exits 0, so the
 # routine requeue is not a FAILED line in sacct; a SIGTERM from SLURM (requeue, preemption) also ends it with 0.
 set -euo pipefail
