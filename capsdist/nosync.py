@@ -2,8 +2,8 @@
 host, and Lightning's throughput meter timed (with its CUDA synchronise) on logging steps only.
 
 A GPU step of a few milliseconds cannot hide a device->host read: the host stops queueing work until the device
-is idle. capsdist's ordinary step reads the device once (Lightning's progress-bar loss); these two helpers keep
-the stop flag and the images/s meter from adding more (tests/integration/test_sync_count.py counts them).
+is idle. capsdist's ordinary step reads the device not at all; these two helpers keep the stop flag and the
+images/s meter from adding reads (tests/integration/test_sync_count.py counts them).
 """
 
 from __future__ import annotations
