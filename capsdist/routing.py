@@ -33,12 +33,18 @@ def _input_major(u: torch.Tensor) -> bool:
     return u.stride() == (d, n * d, 1)
 
 
-def _outer(coef: torch.Tensor, vec: torch.Tensor, input_major: bool) -> torch.Tensor:
-    """coef [N, I] x vec [N, D] -> [N, I, D], written input-major when the priors are (so no copy follows)."""
+def _outer_factors(coef: torch.Tensor, vec: torch.Tensor, input_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """coef [N, I] and vec [N, D] broadcast so their product is [I, N, D] when input-major, else [N, I, D]."""
     if input_major:
         # contiguous coef: otherwise the product inherits coef's N-major strides and a copy follows
-        return (coef.t().contiguous().unsqueeze(2) * vec.unsqueeze(0)).transpose(0, 1)
-    return coef.unsqueeze(2) * vec.unsqueeze(1)
+        return coef.t().contiguous().unsqueeze(2), vec.unsqueeze(0)
+    return coef.unsqueeze(2), vec.unsqueeze(1)
+
+
+def _outer(coef: torch.Tensor, vec: torch.Tensor, input_major: bool) -> torch.Tensor:
+    """coef [N, I] x vec [N, D] -> [N, I, D], written input-major when the priors are (so no copy follows)."""
+    a, b = _outer_factors(coef, vec, input_major)
+    return (a * b).transpose(0, 1) if input_major else a * b
 
 
 def _weighted_sum(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -148,12 +154,11 @@ class _FullRouting(torch.autograd.Function):
         grad_u = u if ctx.reuse else torch.empty_like(u)
         out = grad_u.transpose(0, 1) if ctx.input_major else grad_u  # [I, N, D] contiguous when input-major
         for k, (coef, vec) in enumerate(terms):
-            coef, vec = (coef.t().contiguous().unsqueeze(2), vec.unsqueeze(0)) if ctx.input_major else (
-                coef.unsqueeze(2), vec.unsqueeze(1))  # fmt: skip
+            a, b = _outer_factors(coef, vec, ctx.input_major)
             if k == 0:
-                torch.mul(coef, vec, out=out)
+                torch.mul(a, b, out=out)
             else:
-                out.addcmul_(coef, vec)
+                out.addcmul_(a, b)
         out.add_(grad_mean.unsqueeze(0 if ctx.input_major else 1))
         return grad_u, None, None, None, None
 
