@@ -9,10 +9,13 @@ import sys
 
 from tests.conftest import subprocess_env
 
-# In one fresh process: a quickstart fit of 31 steps with the setting replaced by a no-op (glibc's defaults), then
+# In one fresh process, without huge pages: a quickstart fit of 31 steps with the setting replaced by a no-op (glibc's defaults), then
 # the same fit as the CLI runs it; each prints its minor page faults per step over steps 10..30.
 FIT = """
-import json, resource, tempfile
+import ctypes, json, resource, tempfile
+# Transparent huge pages (on by default on some hosts) would count one fault per 2 MB instead of per 4 kB page:
+# off for this process, so the counts measure the same bytes on every host (PR_SET_THP_DISABLE).
+assert ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) == 0
 import pytorch_lightning as pl
 from capsdist import allocator, train
 faults = {}
