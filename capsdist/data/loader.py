@@ -27,6 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.data.batch import Batch, DataError
+from capsdist.data.workers import worker_context
 from capsdist.signals import ignore_job_signals, reap_workers_at_exit
 
 STATE_VERSION = 1
@@ -45,7 +46,8 @@ class ResumableLoader(DataLoader):
         """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
         # a stream may bound the wait for one batch (shards on a dead host); only worker processes can time out
         timeout = getattr(dataset, "loader_timeout", 0) if num_workers > 0 else 0
-        # workers ignore the job's signals: slurmstepd sends them to every process, the main process owns the stop
+        # workers ignore the job's signals: slurmstepd sends them to every process, the main process owns the stop;
+        # they start from a fork server (capsdist.data.workers: forking this threaded process can deadlock)
         super().__init__(
             dataset,
             batch_size=None,
@@ -53,6 +55,7 @@ class ResumableLoader(DataLoader):
             pin_memory=pin_memory,
             timeout=timeout,
             worker_init_fn=ignore_job_signals if num_workers > 0 else None,
+            multiprocessing_context=worker_context() if num_workers > 0 else None,
         )
         if num_workers > 0:
             reap_workers_at_exit()  # they ignore SIGTERM, so multiprocessing's exit hook alone could wait forever

@@ -9,8 +9,9 @@ import sys
 
 from tests.conftest import subprocess_env
 
-# In one fresh process, without huge pages: a quickstart fit of 31 steps with the setting replaced by a no-op (glibc's defaults), then
-# the same fit as the CLI runs it; each prints its minor page faults per step over steps 10..30.
+# In one fresh process without huge pages: a quickstart fit of 31 steps with the setting replaced by a no-op
+# (glibc's defaults), then the same fit as the CLI runs it; each prints its minor page faults per step over
+# steps 10..30.
 FIT = """
 import ctypes, json, resource, tempfile
 # Transparent huge pages (on by default on some hosts) would count one fault per 2 MB instead of per 4 kB page:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +110,23 @@ def test_resume_mid_epoch_equals_tail(kind: str, test_split: tuple[torch.Tensor,
     stale = data.ResumableLoader(stream())
     fresh = epoch_batches(data.ResumableLoader(stream()), 3)
     assert same_batches(epoch_batches(stale, 3, {"epoch": 2, "batches": 5}), fresh)  # unversioned: unchecked
+
+
+def test_workers_start_from_a_server_ignoring_job_signals(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Workers are not forked from this (threaded) process but from one fork server (capsdist.data.workers); the
+    SIGTERM slurmstepd sends every process of a step leaves the server and workers serving the epoch's rest."""
+    images, labels = test_split
+    full = epoch_batches(data.ResumableLoader(data.MnistStream(images, labels, 50, train=True)), 0)
+    loader = data.ResumableLoader(data.MnistStream(images, labels, 50, train=True), num_workers=2)
+    batches = iter(loader)
+    first = [next(batches)]
+    workers = [child.pid for child in multiprocessing.active_children() if child.daemon]
+    parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in workers}
+    assert len(workers) == 2 and len(parents) == 1 and os.getpid() not in parents, (workers, parents)
+    for pid in (*parents, *workers):
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert same_batches(first + list(batches), full)
 
 
 def test_streams_differ_by_epoch_and_rank(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
