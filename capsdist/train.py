@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from capsdist import CapsdistError, prog, resume, shipped, signals, user_errors
+from capsdist import CapsdistError, process_group, prog, resume, shipped, signals, user_errors
 from capsdist.allocator import keep_freed_memory
 from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
@@ -283,6 +283,7 @@ def main(args: list[str] | None = None) -> None:
                 auto_configure_optimizers=False,  # the paper's schedule is the module's; see --optimizer's refusal
                 args=args,
             )
+            process_group.end()  # joins gloo's threads before the interpreter ends (capsdist.process_group)
         finally:
             release_all()  # the run folder's lock; in-process callers (tests, notebooks) may fit there again
 

@@ -30,7 +30,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from capsdist import sharded_checkpoint  # noqa: E402
+from capsdist import process_group, sharded_checkpoint  # noqa: E402
 from capsdist.capsule_parallel import full_optimizer_state, full_state_dict, shard_capsnet  # noqa: E402
 from capsdist.checkpoint import MODEL_ARGS  # noqa: E402
 from capsdist.losses import capsnet_loss  # noqa: E402
@@ -88,7 +88,7 @@ def flops(config: str) -> None:
 
 def _timed(rank: int, world: int, tmp: str, args: dict, batch: int, steps: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store{world}", rank=rank, world_size=world)
+    process_group.start("gloo", init_method=f"file://{tmp}/store{world}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = CapsNet(**args)
     if world > 1:
@@ -103,7 +103,7 @@ def _timed(rank: int, world: int, tmp: str, args: dict, batch: int, steps: int) 
         times.append(time.perf_counter() - start)
     if rank == 0:
         Path(f"{tmp}/times{world}.json").write_text(json.dumps(times[1:]))
-    dist.destroy_process_group()
+    process_group.end()
 
 
 def timing(config: str, batch: int, steps: int, repeats: int) -> None:
@@ -128,7 +128,7 @@ def _peak_mb() -> float:
 
 def _saved(rank: int, world: int, tmp: str, args: dict, batch: int, how: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    process_group.start("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = shard_capsnet(CapsNet(**args))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -149,7 +149,7 @@ def _saved(rank: int, world: int, tmp: str, args: dict, batch: int, how: str) ->
     row = {"save": how, "rank": rank, "peak_training_mb": round(trained), "peak_after_save_mb": round(_peak_mb()),
            "save_s": round(time.perf_counter() - start, 2)}
     print(json.dumps({**row, "save_adds": round(row["peak_after_save_mb"] / trained - 1, 3)}), flush=True)
-    dist.destroy_process_group()
+    process_group.end()
 
 
 def saving(config: str, batch: int, world: int) -> None:

@@ -195,10 +195,11 @@ def time_ratio(
 def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> None:  # pragma: no cover - subprocess
     import torch.distributed as dist
 
+    from capsdist import process_group
     from capsdist.capsule_parallel import ShardedCapsLayer
 
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    process_group.start("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     n_in, batch, chunk = config["n_in"], config.get("batch", 48), config.get("chunk_size")
     n_out, d_in, d_out = config.get("n_out", 32), config.get("d_in", 8), config.get("d_out", 16)
     torch.manual_seed(0)  # the same u on every rank; each rank initialises only its own slice of W
@@ -228,8 +229,7 @@ def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> Non
             seconds=seconds,
         )
     )
-    dist.barrier()
-    dist.destroy_process_group()
+    process_group.end()
 
 
 def measure_sharded(world: int, **config: object) -> list[dict[str, object]]:

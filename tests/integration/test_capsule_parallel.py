@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from capsdist import process_group
 from capsdist.capsule_parallel import (
     ShardedCapsLayer,
     full_state_dict,
@@ -36,11 +36,9 @@ def spawn(fn, world: int, tmp_path: Path, *args) -> None:
 
 def _worker(rank: int, fn, world: int, tmp: str, *args) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        fn(rank, tmp, *args)
-    finally:
-        dist.destroy_process_group()
+    process_group.start("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    fn(rank, tmp, *args)
+    process_group.end()
 
 
 def layer_case(config: tuple, chunk_override: int | None = None):
