@@ -1,5 +1,4 @@
-"""LightningDataModules, one per source, on a small shared base (``predict`` reads what ``test`` reads);
-``CapsDataModule`` is the CLI's entry.
+"""One LightningDataModule per source on a small shared base; ``CapsDataModule`` is the CLI's entry.
 
   - ``MnistData`` (``source: mnist``): the IDX arrays in memory, the paper's augmentation (shift of up to
     ``max_shift`` px, zero padded); recon = the shifted image. Validation and test both read the official 10k test
@@ -10,9 +9,8 @@
   - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``); ``test`` reads
     ``test_shards`` (default: the validation shards).
 
-``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working (``data.source: mnist``,
-``--data.batch_size 64``): it takes the union of the settings and returns the source's module, built from the
-settings that module has (the others are meaningless for that source and ignored, as ``train_shards`` for MNIST).
+``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working: it takes the union of
+the settings and returns the source's module, built from those it has (``train_shards`` is ignored for MNIST).
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMnist, DeviceMultiMnist
 from capsdist.data.loader import PlainIterable, ResumableLoader
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
+from capsdist.data.workers import start_server
 from capsdist.validate import DATA_RULES, check
 
 Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
@@ -58,6 +57,8 @@ class BaseData(pl.LightningDataModule):
         if num_workers is None:  # 2, or the SLURM task's CPUs but the training one (up to 8); none in memory
             cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
             num_workers = 0 if self.in_memory else min(8, int(cpus) - 1) if cpus.isdigit() else 2
+        if num_workers > 0:
+            start_server()  # the workers' fork server imports while the run sets up (capsdist.data.workers)
         self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
         self.train_batches_per_epoch, self.val_batches = train_batches_per_epoch, val_batches
 

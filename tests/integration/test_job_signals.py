@@ -10,23 +10,27 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from tests.conftest import subprocess_env
 from tests.wandb_records import finished_records, read_run, wandb_files
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-NUMBERS = """import json, torch
-        from torch.utils.data import IterableDataset
-        from capsdist.data.loader import ResumableLoader
+NUMBERS = """
+import torch
+from torch.utils.data import IterableDataset
 
-        class Numbers(IterableDataset):
-            num_batches = 6
 
-            def __iter__(self):
-                info = torch.utils.data.get_worker_info()
-                yield from range(info.id, self.num_batches, info.num_workers)
-"""  # a ResumableLoader's dataset: the workers share 6 batches
+class Numbers(IterableDataset):
+    num_batches = 6
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        yield from range(info.id, self.num_batches, info.num_workers)
+"""  # a ResumableLoader's dataset, in a module its workers can import: the workers share 6 batches
+LOADER = "import json\nfrom numbers_dataset import Numbers\nfrom capsdist.data.loader import ResumableLoader\n"
+STARTED = LOADER + "batches = iter(ResumableLoader(Numbers(), num_workers=2))\nnext(batches)\n"  # workers running
 
 
 def _descendants(pid: int) -> list[int]:
@@ -37,6 +41,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _run(code: str, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     """Start ``code`` in a Python subprocess; returns it once it printed "ready", with its descendants."""
+    (tmp_path / "numbers_dataset.py").write_text(NUMBERS)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=subprocess_env(WANDB_MODE="offline"))  # fmt: skip
     assert proc.stdout.readline().strip() == "ready"
@@ -83,41 +88,60 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def _loader_processes(main: int) -> tuple[int, list[int]]:
+    """(fork server, its workers) of the loader of process ``main`` (capsdist.data.workers)."""
+    children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+    (server,) = [int(p) for p in children if b"multiprocessing.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return server, _descendants(server)
+
+
 def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
-    """A ResumableLoader with 2 workers: the job's signals sent to the workers neither kill them nor reach the main
-    process as "DataLoader worker ... killed by signal"; the epoch completes with every batch."""
-    proc, workers = _run(
-        """
-        NUMBERS
-        seen = []
-        for i, x in enumerate(ResumableLoader(Numbers(), num_workers=2)):
-            seen.append(int(x))
-            if i == 1:  # both workers have started (and run their worker_init_fn)
-                print("ready", flush=True)
-                input()
-        print(json.dumps(sorted(seen)), flush=True)
-        """.replace("NUMBERS", NUMBERS),
+    """A ResumableLoader with 2 workers: the job's signals sent to every process below the main one (the workers'
+    fork server, its workers, multiprocessing's resource tracker) neither kill them nor reach the main process as
+    "DataLoader worker ... exited unexpectedly"; the epoch completes with every batch."""
+    proc, helpers = _run(
+        LOADER
+        + """
+seen = []
+for i, x in enumerate(ResumableLoader(Numbers(), num_workers=2)):
+    seen.append(int(x))
+    if i == 1:  # both workers have started (and run their worker_init_fn)
+        print("ready", flush=True)
+        input()
+print(json.dumps(sorted(seen)), flush=True)
+""",
         tmp_path,
     )
-    assert len(workers) == 2
-    for pid in workers:
+    assert len(_loader_processes(proc.pid)[1]) == 2
+    for pid in helpers:
         for sig in JOB_SIGNALS:
             os.kill(pid, sig)
     out, _ = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0 and json.loads(out.splitlines()[-1]) == list(range(6))
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+
+
+def test_killed_main_process_leaves_no_loader_process(tmp_path: Path) -> None:
+    """SIGKILL to the main process (the OOM killer, a second scancel): its loader's fork server and workers, which
+    ignore the job's signals, still end within seconds instead of waiting for each other forever."""
+    proc, helpers = _run(
+        STARTED + 'print("ready", flush=True)\ninput()\n',
+        tmp_path,
+    )
+    assert len(_loader_processes(proc.pid)[1]) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15  # the workers' watchdog looks every 5 s
+    while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]:
+        time.sleep(0.2)
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)], helpers
 
 
 def test_a_crash_with_loader_workers_exits(tmp_path: Path) -> None:
     """An exception escapes while the loader's workers run (its traceback keeps the iterator alive): the process
     exits with the error instead of waiting forever at exit for workers that ignore multiprocessing's SIGTERM."""
-    code = textwrap.dedent(
-        """
-        NUMBERS
-        batches = iter(ResumableLoader(Numbers(), num_workers=2))
-        next(batches)
-        raise RuntimeError("a crash mid-epoch")
-        """.replace("NUMBERS", NUMBERS)
-    )
+    (tmp_path / "numbers_dataset.py").write_text(NUMBERS)
+    code = STARTED + 'raise RuntimeError("a crash mid-epoch")\n'
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=90,
                           env=subprocess_env())  # fmt: skip
     assert proc.returncode == 1 and "a crash mid-epoch" in proc.stderr, proc.stderr[-2000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -112,19 +111,24 @@ def test_resume_mid_epoch_equals_tail(kind: str, test_split: tuple[torch.Tensor,
     assert same_batches(epoch_batches(stale, 3, {"epoch": 2, "batches": 5}), fresh)  # unversioned: unchecked
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_workers_start_from_a_server_ignoring_job_signals(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Workers are not forked from this (threaded) process but from one fork server (capsdist.data.workers); the
-    SIGTERM slurmstepd sends every process of a step leaves the server and workers serving the epoch's rest."""
+    SIGTERM and SIGUSR1 slurmstepd sends every process of a step leave the server and workers serving the epoch."""
     images, labels = test_split
     full = epoch_batches(data.ResumableLoader(data.MnistStream(images, labels, 50, train=True)), 0)
     loader = data.ResumableLoader(data.MnistStream(images, labels, 50, train=True), num_workers=2)
     batches = iter(loader)
     first = [next(batches)]
-    workers = [child.pid for child in multiprocessing.active_children() if child.daemon]
-    parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in workers}
-    assert len(workers) == 2 and len(parents) == 1 and os.getpid() not in parents, (workers, parents)
-    for pid in (*parents, *workers):
-        os.kill(pid, signal.SIGTERM)
+    (server,) = [c for c in _children(os.getpid()) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = _children(server)
+    assert len(workers) == 2 and not set(workers) & set(_children(os.getpid()))
+    for pid in (server, *workers):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            os.kill(pid, sig)
     time.sleep(0.5)
     assert same_batches(first + list(batches), full)
 
