@@ -5,13 +5,13 @@ thread entering Python from C (gloo's, dropping a collective's tensor) may hold 
 lock: the child then waits for it forever (seen in CI: a worker stuck in ``PyOS_AfterFork_Child ->
 _PyThreadState_DeleteExcept``). Workers are forked again at every epoch, so a long run rolls that dice
 thousands of times. Python's ``forkserver`` context forks them from a single-threaded server instead, started
-by fork+exec; the server first imports torch, the data streams and the program's main module
-(``capsdist.data.worker_server``), so that a worker starts in milliseconds, as a forked one did, instead of
-importing Lightning again for the main module at every epoch (2 s). ``start_server`` starts it early, so that
-those imports overlap the run's setup, and with the job's signals blocked: the server and multiprocessing's
-resource tracker (started with it) inherit the mask, so the SIGUSR1 and SIGTERM that slurmstepd sends every
-process of a step leave them running (SIGUSR1 would kill the tracker; a killed server would orphan its workers).
-The main process alone decides how the run stops.
+by fork+exec; the server first imports torch, the data streams (``capsdist.data.worker_server``), the program's
+main module and the capsdist modules it has imported, so that a worker starts in milliseconds, as a forked one
+did, instead of importing Lightning again for the main module at every epoch (2 s). ``start_server`` starts it
+early, so that those imports overlap the run's setup, and with the job's signals blocked: the server and
+multiprocessing's resource tracker (started with it) inherit the mask, so the SIGUSR1 and SIGTERM that slurmstepd
+sends every process of a step leave them running (SIGUSR1 would kill the tracker; a killed server would orphan
+its workers). The main process alone decides how the run stops.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def worker_context() -> BaseContext:
     """The multiprocessing context DataLoader workers start from (forkserver, preloading as the docstring says)."""
     context = multiprocessing.get_context("forkserver")
     main = getattr(sys.modules["__main__"].__spec__, "name", None)  # `python -m NAME`; a worker runs NAME again
-    context.set_forkserver_preload([SERVER_MODULE, *([main] if main else [])])
+    # a worker of a script (`capsdist-train`, a user's file) runs the script again: its capsdist imports are ready
+    ours = sorted(name for name in sys.modules if name.split(".")[0] == "capsdist")
+    context.set_forkserver_preload([SERVER_MODULE, *([main] if main else []), *ours])
     return context
 
 
