@@ -11,12 +11,14 @@ did, instead of importing Lightning again for the main module at every epoch (2 
 early, so that those imports overlap the run's setup, and with the job's signals blocked: the server and
 multiprocessing's resource tracker (started with it) inherit the mask, so the SIGUSR1 and SIGTERM that slurmstepd
 sends every process of a step leave them running (SIGUSR1 would kill the tracker; a killed server would orphan
-its workers). The main process alone decides how the run stops.
+its workers). The main process alone decides how the run stops. A program read from standard input cannot be run
+again by a worker (multiprocessing re-runs the main script in its children): its workers are forked as before.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 from multiprocessing import forkserver, resource_tracker
@@ -29,17 +31,24 @@ SERVER_MODULE = "capsdist.data.worker_server"
 
 def worker_context() -> BaseContext:
     """The multiprocessing context DataLoader workers start from (forkserver, preloading as the docstring says)."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is None and path and not os.path.isfile(path):
+        return multiprocessing.get_context("fork")  # a program read from stdin: a worker could not run it again
     context = multiprocessing.get_context("forkserver")
-    main = getattr(sys.modules["__main__"].__spec__, "name", None)  # `python -m NAME`; a worker runs NAME again
+    name = getattr(main.__spec__, "name", "") or ""  # `python -m NAME`: a worker runs NAME again
+    # multiprocessing never runs a package's __main__ again (its code is not guarded), so neither may the server
+    named = [name] if name and not name.endswith("__main__") else []
     # a worker of a script (`capsdist-train`, a user's file) runs the script again: its capsdist imports are ready
-    ours = sorted(name for name in sys.modules if name.split(".")[0] == "capsdist")
-    context.set_forkserver_preload([SERVER_MODULE, *([main] if main else []), *ours])
+    ours = sorted(module for module in sys.modules if module.split(".")[0] == "capsdist")
+    context.set_forkserver_preload([SERVER_MODULE, *named, *ours])
     return context
 
 
 def start_server() -> None:
     """Start the fork server now (a no-op when it runs), so its imports overlap what the process does next."""
-    worker_context()
+    if worker_context().get_start_method() != "forkserver":
+        return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)  # held, not lost, for this thread
     try:
         resource_tracker.ensure_running()  # the server's own call would; this one unblocks SIGINT/SIGTERM on return
