@@ -27,7 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.data.batch import Batch, DataError
-from capsdist.data.workers import start_server, worker_context
+from capsdist.data.workers import start_server
 from capsdist.signals import ignore_job_signals, reap_workers_at_exit
 
 STATE_VERSION = 1
@@ -55,10 +55,9 @@ class ResumableLoader(DataLoader):
             pin_memory=pin_memory,
             timeout=timeout,
             worker_init_fn=ignore_job_signals if num_workers > 0 else None,
-            multiprocessing_context=worker_context() if num_workers > 0 else None,
+            multiprocessing_context=start_server() if num_workers > 0 else None,
         )
         if num_workers > 0:
-            start_server()
             reap_workers_at_exit()  # they ignore SIGTERM, so multiprocessing's exit hook alone could wait forever
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None

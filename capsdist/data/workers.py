@@ -45,10 +45,12 @@ def worker_context() -> BaseContext:
     return context
 
 
-def start_server() -> None:
-    """Start the fork server now (a no-op when it runs), so its imports overlap what the process does next."""
-    if worker_context().get_start_method() != "forkserver":
-        return
+def start_server() -> BaseContext:
+    """Start the fork server now (a no-op when it runs), so its imports overlap what the process does next; the
+    context workers start from."""
+    context = worker_context()
+    if context.get_start_method() != "forkserver":
+        return context
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)  # held, not lost, for this thread
     try:
         resource_tracker.ensure_running()  # the server's own call would; this one unblocks SIGINT/SIGTERM on return
@@ -56,3 +58,4 @@ def start_server() -> None:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return context
