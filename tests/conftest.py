@@ -93,6 +93,11 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc children list)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests on machines without CUDA (device_check's CPU smoke run keeps them, CPU against CPU)."""
     if torch.cuda.is_available() or os.environ.get("CAPSDIST_GPU_TESTS_ON_CPU"):

@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.conftest import subprocess_env
+from tests.conftest import child_pids, subprocess_env
 from tests.wandb_records import finished_records, read_run, wandb_files
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -35,8 +35,7 @@ STARTED = LOADER + "batches = iter(ResumableLoader(Numbers(), num_workers=2))\nn
 
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid``."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [d for c in map(int, children) for d in (c, *_descendants(c))]
+    return [d for c in child_pids(pid) for d in (c, *_descendants(c))]
 
 
 def _run(code: str, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
@@ -78,7 +77,12 @@ def test_wandb_service_survives_the_job_signals(tmp_path: Path) -> None:
     kinds = [r.WhichOneof("record_type") for r in finished_records(file.parent, 10)]
     assert "preempting" in kinds and "exit" in kinds
     assert [row["i"] for row in read_run(file)["history"]] == list(range(100))
-    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+    assert not _alive(helpers)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run (neither gone nor a zombie)."""
+    return [p for p in pids if _state(p) != "Z"]
 
 
 def _state(pid: int) -> str:
@@ -88,11 +92,11 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def _loader_processes(main: int) -> tuple[int, list[int]]:
-    """(fork server, its workers) of the loader of process ``main`` (capsdist.data.workers)."""
-    children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
-    (server,) = [int(p) for p in children if b"multiprocessing.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    return server, _descendants(server)
+def _loader_workers(main: int) -> list[int]:
+    """The workers of the loader of process ``main``: its fork server's children (capsdist.data.workers)."""
+    servers = [p for p in child_pids(main) if b"multiprocessing.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    (server,) = servers
+    return child_pids(server)
 
 
 def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
@@ -112,13 +116,13 @@ print(json.dumps(sorted(seen)), flush=True)
 """,
         tmp_path,
     )
-    assert len(_loader_processes(proc.pid)[1]) == 2
+    assert len(_loader_workers(proc.pid)) == 2
     for pid in helpers:
         for sig in JOB_SIGNALS:
             os.kill(pid, sig)
     out, _ = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0 and json.loads(out.splitlines()[-1]) == list(range(6))
-    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+    assert not _alive(helpers)
 
 
 def test_killed_main_process_leaves_no_loader_process(tmp_path: Path) -> None:
@@ -128,13 +132,13 @@ def test_killed_main_process_leaves_no_loader_process(tmp_path: Path) -> None:
         STARTED + 'print("ready", flush=True)\ninput()\n',
         tmp_path,
     )
-    assert len(_loader_processes(proc.pid)[1]) == 2
+    assert len(_loader_workers(proc.pid)) == 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 15  # the workers' watchdog looks every 5 s
-    while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]:
+    while time.monotonic() < deadline and _alive(helpers):
         time.sleep(0.2)
-    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)], helpers
+    assert not _alive(helpers), helpers
 
 
 def test_a_crash_with_loader_workers_exits(tmp_path: Path) -> None:

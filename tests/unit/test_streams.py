@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capsdist import data
-from tests.conftest import check_format, check_multimnist, epoch_batches, same_batches, u8
+from tests.conftest import check_format, check_multimnist, child_pids, epoch_batches, same_batches, u8
 
 
 def _contains_source(placed: torch.Tensor, digit: torch.Tensor, canvas: int) -> bool:
@@ -111,22 +111,18 @@ def test_resume_mid_epoch_equals_tail(kind: str, test_split: tuple[torch.Tensor,
     assert same_batches(epoch_batches(stale, 3, {"epoch": 2, "batches": 5}), fresh)  # unversioned: unchecked
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_workers_start_from_a_server_ignoring_job_signals(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Workers are not forked from this (threaded) process but from one fork server (capsdist.data.workers); the
     SIGTERM and SIGUSR1 slurmstepd sends every process of a step leave the server and workers serving the epoch."""
     images, labels = test_split
     full = epoch_batches(data.ResumableLoader(data.MnistStream(images, labels, 50, train=True)), 0)
     loader = data.ResumableLoader(data.MnistStream(images, labels, 50, train=True), num_workers=2)
-    (server,) = [c for c in _children(os.getpid()) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    earlier = set(_children(server))  # workers of earlier loaders in this process may not have ended yet
+    (server,) = [c for c in child_pids(os.getpid()) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    earlier = set(child_pids(server))  # workers of earlier loaders in this process may not have ended yet
     batches = iter(loader)
     first = [next(batches)]
-    workers = set(_children(server)) - earlier
-    assert len(workers) == 2 and not workers & set(_children(os.getpid()))
+    workers = set(child_pids(server)) - earlier
+    assert len(workers) == 2 and not workers & set(child_pids(os.getpid()))
     for pid in (server, *workers):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             os.kill(pid, sig)
