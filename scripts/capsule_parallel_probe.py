@@ -30,11 +30,12 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from capsdist import process_group, sharded_checkpoint  # noqa: E402
-from capsdist.capsule_parallel import full_optimizer_state, full_state_dict, shard_capsnet  # noqa: E402
-from capsdist.checkpoint import MODEL_ARGS  # noqa: E402
-from capsdist.losses import capsnet_loss  # noqa: E402
+from capsdist.checkpoint import sharded  # noqa: E402
 from capsdist.model import CapsNet  # noqa: E402
+from capsdist.model.capsnet import MODEL_ARGS  # noqa: E402
+from capsdist.model.losses import capsnet_loss  # noqa: E402
+from capsdist.parallel import process_group, sharded_state  # noqa: E402
+from capsdist.parallel.capsule_parallel import full_optimizer_state, full_state_dict, shard_capsnet  # noqa: E402
 
 
 def model_args(config: str) -> dict:
@@ -139,7 +140,7 @@ def _saved(rank: int, world: int, tmp: str, args: dict, batch: int, how: str) ->
     trained, start = _peak_mb(), time.perf_counter()
     if how == "sharded":
         checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}
-        sharded_checkpoint.save(checkpoint, f"{tmp}/last.ckpt", sharded_checkpoint.split_keys(model, [optimizer]))
+        sharded.save(checkpoint, f"{tmp}/last.ckpt", sharded_state.split_keys(model, [optimizer]))
     else:  # the full checkpoint: whole weights and moments gathered on every rank, written by rank 0
         moments = full_optimizer_state(model, optimizer)
         checkpoint = {"state_dict": full_state_dict(model), "optimizer_states": [moments]}

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from capsdist.resume import JOB_FILE
+from capsdist.training.resume import JOB_FILE
 from tests.conftest import REPO
 from tests.scale_probe import probe_config, records, wait_paused, write_yaml
 from tests.slurm_cluster import SlurmCluster, missing_reason

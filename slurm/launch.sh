@@ -2,7 +2,7 @@
 # Starts one training task per device with srun; Lightning's SLURMEnvironment reads rank and world size from
 # srun's variables and checks them against trainer.num_nodes/devices (set here from the allocation).
 # Stops (README "Scaling out"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
-# (capsdist.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
+# (capsdist.training.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
 # forwards it to the tasks through srun (all-task `--signal=USR1@N` works too, but also reaches loader workers
 # and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (rank 0 leaves the
 # requeue mark and every task ends 0; exit 75 from a task outside the templates means the same) this shell, on

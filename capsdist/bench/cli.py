@@ -3,7 +3,7 @@ the MultiMNIST data paths (shard write/read, on-device generation), and the trai
 (`--what service`, capsdist.bench.service).
 
 Prints one JSON line per measurement. Every capsdist setting is timed interleaved with the reference
-(`capsdist.reference`) in one process, one step each in turn, so load from other processes on a shared machine
+(`capsdist.model.reference`) in one process, one step each in turn, so load from other processes on a shared machine
 hits all of them alike; images_per_s is the median over the timed steps after warm-up, and
 speedup_vs_reference the median of the per-round time ratios. Dated results: docs/benchmarks.md.
 """
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import torch
 
-from capsdist import prog
 from capsdist.bench.data import SHARD_RATES, onthefly_row, shard_rows
 from capsdist.bench.models import LOW_PRECISION, MODEL_WHATS, measure
 from capsdist.bench.service import service_rows
+from capsdist.core.errors import prog
 
 WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly", "service")
 DEFAULT_WHATS = WHATS[:-1]  # service (minutes of subprocess fits) runs when asked for

@@ -10,11 +10,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from capsdist.bench.timing import timed
 from capsdist.data import mnist
+from capsdist.data.batch import to_batch
 from capsdist.data.device import DeviceMultiMnist
+from capsdist.data.loader import ResumableLoader
 from capsdist.data.shard_format import tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
 
@@ -27,8 +30,7 @@ SHARD_RATES = {
 
 def decode_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128) -> float:
     """Samples/s of one pass over shards through the validation pipeline (PNG decode + batching), after warm-up."""
-    from capsdist.data.loader import ResumableLoader
-    from capsdist.data.shards import ShardStream, expand_shards
+    from capsdist.data.shards import ShardStream, expand_shards  # webdataset, only for the shard benches
 
     batches = iter(ResumableLoader(ShardStream(expand_shards(urls), batch_size, train=False), num_workers=num_workers))
     next(batches)  # worker start-up is not decoding
@@ -40,10 +42,7 @@ def decode_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128
 def webdataset_rate(urls: Sequence[str], num_workers: int = 1, batch_size: int = 128) -> float:
     """Samples/s of the same pass with plain webdataset (tarfile, PIL decode, its collation) into contract batches:
     the baseline the lean reader has to beat to be worth its code."""
-    import numpy as np
-    import webdataset as wds
-
-    from capsdist.data.batch import to_batch
+    import webdataset as wds  # the baseline reader, only for this bench
 
     def contract(batch: tuple) -> dict:
         x, d0, d1, meta = batch

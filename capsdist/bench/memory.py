@@ -15,14 +15,24 @@ peak_bytes is `torch.cuda.max_memory_allocated` over the step minus what was all
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from capsdist.model.capsnet import CapsLayer, CapsNet
+from capsdist.model.losses import capsnet_loss
+from capsdist.parallel import process_group
+from capsdist.parallel.capsule_parallel import ShardedCapsLayer
 
 
 def _status_kib(field: str) -> int:
@@ -95,7 +105,6 @@ def measure_layer(
     device: str = "cpu",
 ) -> dict[str, object]:
     """Peak memory above weights+grads+inputs and median time of `steps` forward+backward steps, in this process."""
-    from capsdist.model import CapsLayer
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -128,8 +137,6 @@ def measure_layer(
 
 def measure_capsnet(batch: int, chunk_size: int | None, image_size: int = 36, **model_args: object) -> dict:
     """As `measure_layer`, for one train step (forward, margin + reconstruction loss, backward) of a whole CapsNet."""
-    from capsdist.losses import capsnet_loss
-    from capsdist.model import CapsNet
 
     torch.manual_seed(0)
     model = CapsNet(image_size=image_size, routing_chunk_size=chunk_size, **model_args)
@@ -160,7 +167,6 @@ def time_ratio(
 ) -> dict[str, object]:
     """Median over `rounds` of (chunked step time / default step time), the two paths interleaved step by step
     in one process, so load from other processes on a shared machine hits both alike."""
-    from capsdist.model import CapsLayer
 
     torch.manual_seed(0)
     n_out, d_in, d_out = layer.get("n_out", 32), layer.get("d_in", 8), layer.get("d_out", 16)
@@ -193,10 +199,6 @@ def time_ratio(
 
 
 def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> None:  # pragma: no cover - subprocess
-    import torch.distributed as dist
-
-    from capsdist import process_group
-    from capsdist.capsule_parallel import ShardedCapsLayer
 
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     process_group.start("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -235,9 +237,6 @@ def _sharded_rank(rank: int, world: int, store: str, config: dict, queue) -> Non
 def measure_sharded(world: int, **config: object) -> list[dict[str, object]]:
     """Per-rank parameter bytes, measured step peak (as `measure_layer`, W's gradient slice included), payload
     bytes all-reduced per step, for a `ShardedCapsLayer` across `world` gloo processes (one fresh process each)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -305,11 +304,6 @@ def main(argv: list[str] | None = None) -> None:
             for row in measure_sharded(world, **config):
                 print(json.dumps(row), flush=True)
     if args.model_config:
-        import inspect
-
-        import yaml
-
-        from capsdist.model import CapsNet
 
         model = yaml.safe_load(Path(args.model_config).read_text())["model"]
         keep = set(inspect.signature(CapsNet).parameters) - {"routing_chunk_size"}

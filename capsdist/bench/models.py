@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from capsdist.bench.timing import synchronize, timed
-from capsdist.losses import capsnet_loss
-from capsdist.model import CapsLayer, CapsNet
-from capsdist.reference import ReferenceCapsLayer, reference_twin
+from capsdist.model.capsnet import CapsLayer, CapsNet
+from capsdist.model.losses import capsnet_loss
+from capsdist.model.reference import ReferenceCapsLayer, reference_twin
 
 MODEL_WHATS = ("train_step", "routing")
 LOW_PRECISION = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

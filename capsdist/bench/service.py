@@ -13,6 +13,7 @@ subprocesses (``--one cli|bare``): then it imports only what every capsdist chec
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -24,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from capsdist.data import mnist, recipe
+from capsdist.data.batch import to_batch
+from capsdist.model.capsnet import CapsNet
+from capsdist.model.losses import capsnet_loss
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -36,14 +43,6 @@ def _sync(device: torch.device) -> None:
 
 def bare_rate(batch_size: int, warmup: int, steps: int, device: torch.device) -> float:
     """Images/s of a plain loop: quickstart's CapsNet, fused Adam, MNIST shifted by up to 2 px, no Lightning."""
-    import inspect
-
-    import yaml
-
-    from capsdist.data import mnist, recipe
-    from capsdist.data.batch import to_batch
-    from capsdist.losses import capsnet_loss
-    from capsdist.model import CapsNet
 
     torch.manual_seed(0)
     model_args = yaml.safe_load(QUICKSTART.read_text())["model"]
@@ -70,9 +69,9 @@ def bare_rate(batch_size: int, warmup: int, steps: int, device: torch.device) ->
 
 def cli_rate(batch_size: int, warmup: int, steps: int, device: torch.device) -> float:
     """Images/s of `capsdist.train fit` on the quickstart config over its steps warmup .. warmup + steps."""
-    import pytorch_lightning as pl
+    import pytorch_lightning as pl  # Lightning: heavy, only for the service bench
 
-    from capsdist import train
+    from capsdist.training import cli as train  # the training CLI (Lightning): only for the service bench
 
     marks: dict[str, float] = {}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import get_worker_info
 
-from capsdist import CapsdistError
+from capsdist.core.errors import CapsdistError
 from capsdist.data import recipe
 
 Batch = dict[str, torch.Tensor]

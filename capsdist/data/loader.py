@@ -9,7 +9,8 @@ matches, else at 0. The epoch is read at ``iter()`` time (``epoch_fn``, e.g. the
 length, so Lightning does not prefetch past the batch it trains on: ``batches`` is exactly the number of batches
 trained on when the checkpoint was written.
 
-When a resume is exact (anything else is refused with a ``DataError``: by ``capsdist.resume.check_loader`` before
+When a resume is exact (anything else is refused with a ``DataError``: by
+``capsdist.training.resume.check_loader`` before
 the fit writes anything, and again by ``load_state_dict``):
   - the world size must be the one the state was taken with (each rank's share of the data depends on it);
   - in-memory streams (MNIST, MultiMNIST on the fly) are exact for any ``num_workers``: batch ``j`` is a pure
@@ -26,9 +27,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.workers import start_server
-from capsdist.signals import ignore_job_signals, reap_workers_at_exit
 
 STATE_VERSION = 1
 

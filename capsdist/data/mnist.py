@@ -28,8 +28,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 from tqdm import tqdm
 
-from capsdist import CapsdistError
-from capsdist.files import atomic_write
+from capsdist.core.errors import CapsdistError
+from capsdist.core.files import atomic_write
 
 Split = Literal["train", "test"]
 

@@ -24,13 +24,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import IterableDataset
 
+from capsdist.core.rules import check
 from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMnist, DeviceMultiMnist
 from capsdist.data.loader import PlainIterable, ResumableLoader
+from capsdist.data.rules import DATA_RULES
+from capsdist.data.shard_format import manifest_total
+from capsdist.data.shard_urls import expand_shards
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
 from capsdist.data.workers import start_server
-from capsdist.validate import DATA_RULES, check
 
 Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
 
@@ -262,7 +265,7 @@ class ShardData(BaseData):
     """MultiMNIST from WebDataset shards written by ``python -m data_prep.multimnist`` (36x36, two targets)."""
 
     source = "multimnist_shards"
-    resume_needs_same_workers = True  # as its stream's; capsdist.resume.check_loader reads it before a resume
+    resume_needs_same_workers = True  # as its stream's; capsdist.training.resume.check_loader reads it before a resume
 
     def __init__(
         self,
@@ -303,9 +306,7 @@ class ShardData(BaseData):
 
     def train_dataloader(self) -> ResumableLoader:
         """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
-        from capsdist.data.shard_format import manifest_total
-        from capsdist.data.shard_urls import expand_shards
-        from capsdist.data.shards import ShardStream  # webdataset only on this path
+        from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
         urls = expand_shards(self.train_shards, "train_shards")
         total = self.train_samples or manifest_total(urls)
@@ -323,8 +324,7 @@ class ShardData(BaseData):
 
     def _one_pass(self, shards: str | list[str] | None, batches: int | None, name: str) -> ResumableLoader:
         """One exact pass over `shards` (the setting `name`), split by rank then worker."""
-        from capsdist.data.shard_urls import expand_shards
-        from capsdist.data.shards import ShardStream
+        from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
         stream = ShardStream(
             expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,

@@ -24,7 +24,7 @@ import sys
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
 
-from capsdist.signals import JOB_SIGNALS
+from capsdist.cluster.signals import JOB_SIGNALS
 
 SERVER_MODULE = "capsdist.data.worker_server"
 

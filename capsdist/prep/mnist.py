@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from capsdist import prog
+from capsdist.core.errors import prog
 from capsdist.data.mnist import CACHE_DIR, MnistError, download, install_from, load, resolve_dir
 
 

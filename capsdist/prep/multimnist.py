@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from capsdist import prog, write_error
+from capsdist.core.errors import prog, write_error
+from capsdist.core.files import atomic_write
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
-from capsdist.files import atomic_write
 from capsdist.prep.progress import Progress
 
 __all__ = ["Plan", "generate", "main"]
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.benchmark:
-            from capsdist.bench.data import shard_benchmark  # the one benchmark implementation
+            from capsdist.bench.data import shard_benchmark  # benches (webdataset baseline) only with --benchmark
 
             print(json.dumps(shard_benchmark(args.mnist_dir, args.num_samples or 4000), indent=1))
             return 0

@@ -14,10 +14,10 @@ import torch
 from capsdist.data import recipe
 from capsdist.data.batch import multimnist_from_draw
 from capsdist.data.device import DeviceMultiMnist
-from capsdist.losses import capsnet_loss
 from capsdist.model import CapsNet
-from capsdist.reference import reference_twin
-from capsdist.routing import dynamic_routing
+from capsdist.model.losses import capsnet_loss
+from capsdist.model.reference import reference_twin
+from capsdist.model.routing import dynamic_routing
 from tests.conftest import u8
 
 pytestmark = pytest.mark.gpu

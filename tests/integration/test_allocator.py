@@ -1,4 +1,4 @@
-"""The training process keeps freed memory (capsdist.allocator): a real CLI fit takes almost no page faults per
+"""The training process keeps freed memory (capsdist.cluster.allocator): a real CLI fit takes almost no page faults per
 step, where glibc's default thresholds made it re-fault its activations every step."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import ctypes, json, resource, tempfile
 # off for this process, so the counts measure the same bytes on every host (PR_SET_THP_DISABLE).
 assert ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) == 0
 import pytorch_lightning as pl
-from capsdist import allocator, train
+from capsdist.cluster import allocator
+from capsdist.training import cli as train
 faults = {}
 class Count(pl.Callback):
     def on_train_batch_start(self, trainer, *_):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from capsdist import evaluate, figures, train
-from capsdist.module import CapsNetModule
+from capsdist.tools import evaluate, figures
+from capsdist.training import cli as train
+from capsdist.training.module import CapsNetModule
 from data_prep import multimnist
 from tests.conftest import REPO, TINY, TINY_MODEL, subprocess_env
 
@@ -185,7 +186,7 @@ def test_file_missing_from_repo_mnist_is_named(
 
 def test_guard_skip_mode_drops_bad_steps_then_stops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """With max_skips=N, non-finite steps are dropped (weights unchanged) N times, then the run stops."""
-    from capsdist.guards import NonFiniteGuard
+    from capsdist.training.guards import NonFiniteGuard
 
     guard = NonFiniteGuard(max_skips=2)
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from capsdist import process_group
-from capsdist.capsule_parallel import (
+from capsdist.checkpoint.rows import shard_bounds
+from capsdist.model import CapsLayer, CapsNet
+from capsdist.model.losses import capsnet_loss
+from capsdist.parallel import process_group
+from capsdist.parallel.capsule_parallel import (
     ShardedCapsLayer,
     full_state_dict,
     load_full_state_dict,
-    shard_bounds,
     shard_capsnet,
 )
-from capsdist.losses import capsnet_loss
-from capsdist.model import CapsLayer, CapsNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER_CONFIGS = [  # n_in (uneven for 2 and 4 ranks), iterations, detach, chunk_size

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.checkpoint import load_trained
-from capsdist.sharded_checkpoint import main, read_full
+from capsdist.checkpoint.__main__ import main
+from capsdist.checkpoint.sharded import read_full
+from capsdist.model.trained import load_trained
 from tests.conftest import REPO, TINY_MODEL
 from tests.scale_probe import train_env, write_yaml
 
@@ -60,7 +61,7 @@ def test_two_process_capsule_parallel_run_equals_one_process_and_resumes_exactly
     for index, state in single["optimizer_states"][0]["state"].items():
         _assert_close(moments[index], state)
 
-    assert first.is_dir()  # sharded: each rank wrote its rows (capsdist.sharded_checkpoint)
+    assert first.is_dir()  # sharded: each rank wrote its rows (capsdist.checkpoint.sharded)
     one_file = tmp_path / "one.ckpt"
     main(["convert", str(first), str(one_file)])
     _assert_close(_load(one_file)["state_dict"], sharded["state_dict"])

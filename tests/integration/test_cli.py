@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.train import main
+from capsdist.training.cli import main
 from tests.conftest import REPO, SHIPPED, TINY, TINY_MODEL, subprocess_env
 
 FIT = [*TINY, "--data.train_samples=64", "--data.val_samples=64", "--trainer.max_steps=2", "--wandb_mode=disabled"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capsdist.train import main
+from capsdist.training.cli import main
 from tests.conftest import TINY, subprocess_env
 from tests.wandb_records import finished_records, read_run
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.pretrained import load_weights, mnist_hits
+from capsdist.model.capsnet import load_weights
+from capsdist.tools.pretrained import mnist_hits
 
 ROOT = Path(__file__).resolve().parents[2]
 

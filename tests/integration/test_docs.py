@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capsdist.train import main as train_main
+from capsdist.training.cli import main as train_main
 from tests.conftest import REPO, TINY
 
 CONFIG_STACKS = [
@@ -99,7 +99,9 @@ def _replace(argv: list[str], flag: str, value: str) -> list[str]:
 
 def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Each documented command runs: for real where it is quick (tiny overrides), else through its full parser."""
-    from capsdist import bench, evaluate, figures, report, sharded_checkpoint
+    from capsdist import bench
+    from capsdist.checkpoint import __main__ as checkpoint_cli
+    from capsdist.tools import evaluate, figures, report
     from data_prep import mnist, multimnist
 
     commands = readme_commands()
@@ -142,8 +144,8 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
         elif module == "capsdist.report":  # the fixture's run folder stands in for runs/ablation/*
             report.main([str(checkpoint.parents[1]), *(a for a in argv if a.startswith("--"))])
             assert capsys.readouterr().out.startswith("| run | routing iterations |")
-        elif module == "capsdist.sharded_checkpoint":  # needs a sharded run: tests/integration/test_large_run.py
-            sharded_checkpoint.parser().parse_args(argv)
+        elif module == "capsdist.checkpoint":  # needs a sharded run: tests/integration/test_large_run.py
+            checkpoint_cli.parser().parse_args(argv)
         elif module == "pytest":
             continue  # the test command itself
         elif module == "venv":

@@ -24,8 +24,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from capsdist import evaluate, figures, pretrained, train
 from capsdist.model import CapsNet
+from capsdist.tools import evaluate, figures, pretrained
+from capsdist.training import cli as train
 from tests.conftest import REPO, TINY, TINY_MODEL, TINY_NET, subprocess_env
 from tests.integration.test_bad_input import _checkpoint
 
@@ -114,7 +115,7 @@ class _Touch:
         return (os.system, (f"touch {self.path}",))
 
 
-@pytest.mark.parametrize("how", [("capsdist.evaluate", "--ckpt"), ("capsdist.sharded_checkpoint", "convert")])
+@pytest.mark.parametrize("how", [("capsdist.evaluate", "--ckpt"), ("capsdist.checkpoint", "convert")])
 def test_planted_sharded_checkpoint_never_runs(how: tuple[str, str], fitted: Path, tmp_path: Path) -> None:
     """A NAME.ckpt/ directory (a sharded checkpoint) whose DCP .metadata pickle runs a command: refused, nothing
     runs (DCP itself would unpickle it with plain pickle.load)."""

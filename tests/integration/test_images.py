@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from capsdist.data import mnist
-from capsdist.images import reconstruction_sheet
-from capsdist.module import CapsNetModule
-from capsdist.train import main
+from capsdist.training.cli import main
+from capsdist.training.images import reconstruction_sheet
+from capsdist.training.module import CapsNetModule
 from tests.conftest import SHIPPED, TINY
 from tests.wandb_records import history
 

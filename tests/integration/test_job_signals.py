@@ -1,6 +1,6 @@
 """What slurmstepd does to every process of a step, without SLURM: SIGTERM/SIGINT/SIGUSR1 to W&B's service and to
 the DataLoader workers. The run's W&B history must survive whole, and the workers must keep serving batches
-(the main process owns the stop: capsdist.signals, capsdist.wandb_shield)."""
+(the main process owns the stop: capsdist.cluster.signals, capsdist.cluster.wandb_shield)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_wandb_service_survives_the_job_signals(tmp_path: Path) -> None:
     proc, helpers = _run(
         """
         from pathlib import Path
-        from capsdist.run import RunWandbLogger
+        from capsdist.training.run import RunWandbLogger
         run = RunWandbLogger(Path("run"), save_dir=str(Path("run").resolve()), project="p").experiment
         for i in range(50):
             run.log({"i": i})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capsdist import train
+from capsdist.training import cli as train
 from tests.conftest import REPO
 
 TINY_OVERRIDES = [

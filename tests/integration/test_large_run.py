@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.sharded_checkpoint import read_meta
+from capsdist.checkpoint.sharded import read_meta
 from tests.conftest import REPO
 from tests.scale_probe import train_env
 from tests.wandb_records import read_run, wandb_files

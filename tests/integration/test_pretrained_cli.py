@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capsdist.pretrained import load_weights, mnist_hits
+from capsdist.model.capsnet import load_weights
+from capsdist.tools.pretrained import mnist_hits
 from tests.conftest import REPO, subprocess_env
 
 WEIGHTS = REPO / "pretrained" / "capsnet-mnist.safetensors"

@@ -1,4 +1,4 @@
-"""capsdist.process_group: ending the group joins gloo's threads, so no collective's tensor is dropped by them
+"""capsdist.parallel.process_group: ending the group joins gloo's threads, so no collective's tensor is dropped by them
 while the interpreter finalizes (that aborted 1 exit in 6 of a 2-rank test)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from capsdist import process_group
+from capsdist.parallel import process_group
 
 
 def _gloo_threads() -> int:
@@ -36,5 +36,5 @@ def threads_left(tmp_path: Path, via_capsdist: bool) -> list[list[int]]:
 
 def test_end_joins_gloo_threads(tmp_path: Path) -> None:
     assert threads_left(tmp_path, True) == [[3, 0], [3, 0]]  # gloo's transport loop and its 2 work threads
-    # the group started without capsdist.process_group outlives destroy_process_group: the threads stay
+    # the group started without capsdist.parallel.process_group outlives destroy_process_group: the threads stay
     assert threads_left(tmp_path, False) == [[3, 3], [3, 3]]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from capsdist import report
-from capsdist.train import main as train
+from capsdist.tools import report
+from capsdist.training.cli import main as train
 from tests.conftest import REPO, TINY, TINY_MODEL
 from tests.slurm_cluster import SlurmCluster, free_port
 from tests.wandb_records import finished_records

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.core.files import atomic_save
 from capsdist.data.modules import CapsDataModule
-from capsdist.resume import atomic_save
 from tests.conftest import TINY
 from tests.scale_probe import probe_config, records, train_env, wait_paused
 

@@ -93,7 +93,7 @@ def test_fsdp_two_cpu_processes_large_config_reloads_in_one_process(tmp_path: Pa
     proc = subprocess.run(cmd, env=train_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    from capsdist.train import CapsNetModule
+    from capsdist.training.cli import CapsNetModule
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3

@@ -12,10 +12,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from capsdist import sharded_checkpoint
-from capsdist.capsule_parallel import full_optimizer_state, full_state_dict, row_splits, shard_capsnet
-from capsdist.losses import capsnet_loss
+from capsdist.checkpoint import sharded
 from capsdist.model import CapsNet
+from capsdist.model.losses import capsnet_loss
+from capsdist.parallel import sharded_state
+from capsdist.parallel.capsule_parallel import (
+    full_optimizer_state,
+    full_state_dict,
+    row_splits,
+    shard_capsnet,
+)
 from tests.conftest import subprocess_env
 from tests.integration.test_capsule_parallel import batches, spawn
 
@@ -64,14 +70,14 @@ def save_worker(rank: int, tmp: str, steps: int) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_with(model, optimizer, steps)
     checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "global_step": steps}
-    sharded_checkpoint.save(checkpoint, f"{tmp}/last.ckpt", sharded_checkpoint.split_keys(model, [optimizer]))
+    sharded.save(checkpoint, f"{tmp}/last.ckpt", sharded_state.split_keys(model, [optimizer]))
 
 
 def load_worker(rank: int, tmp: str) -> None:
     model = shard_capsnet(make_model())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sharded_checkpoint.load_module(f"{tmp}/last.ckpt", model)
-    sharded_checkpoint.load_optimizers(f"{tmp}/last.ckpt", model, [optimizer])
+    sharded_state.load_module(f"{tmp}/last.ckpt", model)
+    sharded_state.load_optimizers(f"{tmp}/last.ckpt", model, [optimizer])
     state = {"weights": full_state_dict(model), "adam": full_optimizer_state(model, optimizer)}
     if rank == 0:
         torch.save(state, f"{tmp}/loaded{dist.get_world_size()}.pt")
@@ -106,7 +112,7 @@ def test_sharded_checkpoint_of_2_ranks_loads_on_1_and_4_ranks_and_converts(tmp_p
         loaded = torch.load(tmp_path / f"loaded{world}.pt")
         assert_unsplit(loaded["weights"], loaded["adam"], model, optimizer)
     out = tmp_path / "one.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "capsdist.sharded_checkpoint", "convert", str(saved), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "capsdist.checkpoint", "convert", str(saved), str(out)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     one = torch.load(out, weights_only=True)
@@ -118,10 +124,10 @@ def test_superseded_sharded_hpc_checkpoints_are_removed(tmp_path: Path) -> None:
     """A requeue's hpc_ckpt_N under capsule parallelism is a directory: once superseded it is removed like a file
     (after_fit and the next stop failed with IsADirectoryError: a capsule-parallel job stopped under SLURM ended
     FAILED 1:0 after training its last step in the resumed run)."""
-    from capsdist.resume import remove_stale_hpc
+    from capsdist.training.resume import remove_stale_hpc
 
     weights = {"state_dict": {"w": torch.ones(4, 2)}, "global_step": 9}
-    sharded_checkpoint.save(weights, tmp_path / "hpc_ckpt_1.ckpt", {})
+    sharded.save(weights, tmp_path / "hpc_ckpt_1.ckpt", {})
     torch.save({"global_step": 10}, tmp_path / "hpc_ckpt_2.ckpt")
     remove_stale_hpc(tmp_path, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_2.ckpt"]

@@ -9,9 +9,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from capsdist import train
 from capsdist.bench.syncs import SyncCounter
-from capsdist.guards import NonFiniteError, NonFiniteGuard
+from capsdist.training import cli as train
+from capsdist.training.guards import NonFiniteError, NonFiniteGuard
 from tests.conftest import TINY
 
 FIT = ["fit", *[f for f in TINY if "num_workers" not in f and "log_every" not in f], "--data.val_samples=64"]

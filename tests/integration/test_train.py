@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.train import main
+from capsdist.training.cli import main
 from tests.conftest import REPO, TINY
 
 ROOT = REPO

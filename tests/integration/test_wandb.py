@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from capsdist.train import main
+from capsdist.training.cli import main
 from tests.conftest import TINY_MODEL, subprocess_env
 from tests.wandb_records import read_run, wandb_files
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from capsdist.conv import strided_conv2d
-from capsdist.losses import capsnet_loss
 from capsdist.model import CapsLayer, CapsNet
-from capsdist.reference import ReferenceCapsLayer, plain_routing, reference_twin
-from capsdist.routing import dynamic_routing
+from capsdist.model.conv import strided_conv2d
+from capsdist.model.losses import capsnet_loss
+from capsdist.model.reference import ReferenceCapsLayer, plain_routing, reference_twin
+from capsdist.model.routing import dynamic_routing
 
 TINY = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers=[(10, 6)], decoder_hidden=(32, 48))
 

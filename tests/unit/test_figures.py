@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from capsdist import figures
-from capsdist.images import PAD, image_grid, to_pil
 from capsdist.model import CapsNet
+from capsdist.training import figures
+from capsdist.training.images import PAD, image_grid, to_pil
 from tests.conftest import TINY_NET
 
 

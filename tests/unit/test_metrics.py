@@ -2,7 +2,7 @@
 
 import torch
 
-from capsdist.metrics import CapsMetrics, topk_hits
+from capsdist.model.metrics import CapsMetrics, topk_hits
 
 
 def test_topk_hits_single_label_is_argmax():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from capsdist.losses import capsnet_loss, margin_loss, reconstruction_loss
 from capsdist.model import CapsLayer, CapsNet
+from capsdist.model.losses import capsnet_loss, margin_loss, reconstruction_loss
 from tests.conftest import TINY_NET
 
 

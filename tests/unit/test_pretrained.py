@@ -9,9 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from capsdist import CapsdistError
+from capsdist.checkpoint.weights import CONFIG_KEY
+from capsdist.core.errors import CapsdistError
 from capsdist.model import CapsNet
-from capsdist.pretrained import CONFIG_KEY, load_weights, mnist_hits, save_weights
+from capsdist.model.capsnet import load_weights
+from capsdist.model.pretrained import save_weights
+from capsdist.tools.pretrained import mnist_hits
 
 SMALL = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers=[[10, 6]], decoder_hidden=[32, 48])
 SHIPPED = Path(__file__).resolve().parents[2] / "pretrained" / "capsnet-mnist.safetensors"

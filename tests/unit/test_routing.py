@@ -1,10 +1,10 @@
-"""Squash and dynamic routing against hand-computed values and the plain reference (capsdist.reference)."""
+"""Squash and dynamic routing against hand-computed values and the plain reference (capsdist.model.reference)."""
 
 import pytest
 import torch
 
-from capsdist.reference import plain_routing
-from capsdist.routing import dynamic_routing, squash
+from capsdist.model.reference import plain_routing
+from capsdist.model.routing import dynamic_routing, squash
 
 
 def test_squash_hand_values():

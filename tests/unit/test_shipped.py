@@ -1,4 +1,4 @@
-"""Shipped configs and weights by name (capsdist.shipped): `--config quickstart`, `--weights capsnet-mnist`,
+"""Shipped configs and weights by name (capsdist.core.shipped): `--config quickstart`, `--weights capsnet-mnist`,
 `CapsNet.from_pretrained`; files on disk win over names, and an unknown name is an error that lists the names."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist import shipped
+from capsdist.core import shipped
 from capsdist.model import CapsNet
-from capsdist.pretrained import load_weights
+from capsdist.model.capsnet import load_weights
 from tests.conftest import REPO
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import capsdist.streaming as streaming
-from capsdist.losses import capsnet_loss
+import capsdist.model.streaming as streaming
 from capsdist.model import CapsLayer, CapsNet
-from capsdist.reference import plain_routing
-from capsdist.streaming import streaming_routing
+from capsdist.model.losses import capsnet_loss
+from capsdist.model.reference import plain_routing
+from capsdist.model.streaming import streaming_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(conv_channels=16, primary_channels=4, primary_dim=4, decoder_hidden=(32, 48))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from capsdist.data import mnist
-from capsdist.losses import margin_loss
 from capsdist.model import CapsNet
+from capsdist.model.losses import margin_loss
 from tests.conftest import REPO
 
 # 1,152 primaries (28x28 input, 32 maps of 8-D) routed into 32 x 16-D, then 10 x 16-D: large_cpu's depth, small.

@@ -1,0 +1,87 @@
+"""The job's stop signals as a flag: SIGUSR1 (time limit), SIGTERM (preemption, requeue, scancel), Ctrl-C.
+
+Lightweight on purpose (no torch): the training CLI installs the flag-only handlers first thing, before the slow
+imports and setup, so a signal that lands during startup is recorded instead of killing the task with the
+default action (SLURM may send ``--signal=USR1@N`` up to a minute early). capsdist.training.stop reads the flag at the
+step boundaries, during validation and before the first step. DataLoader workers and W&B's service ignore the
+job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield): slurmstepd signals every process of the step, and
+only the main process may decide how the run stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing.util  # registers multiprocessing's exit hook now, so that the reaper (later) runs before it
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+# request kinds in rising priority (ranks agree on the max): requeue (USR1 or the time-limit check), Ctrl-C, SIGTERM
+REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
+JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
+_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False}
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    """Only record the request: no collective or I/O may run inside a handler (module docstring)."""
+    _state["request"] = max(_state["request"], _KINDS[signal.Signals(signum)])
+    if signum == signal.SIGINT:  # a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def install(for_process: bool = False) -> None:
+    """Own the job's signals with the flag-only handler (idempotent; a no-op outside the main thread).
+    ``for_process``: for the rest of the process (the training CLI), so ``restore`` keeps them: the end-of-fit
+    work after the trainer's teardown must not die of a late USR1 either."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["for_process"] = _state["for_process"] or for_process
+    for sig in JOB_SIGNALS:
+        if signal.getsignal(sig) is not _record and not (sig == signal.SIGINT and _state["request"]):
+            _state["previous"].setdefault(sig, signal.signal(sig, _record))
+
+
+def restore() -> None:
+    """Put back the handlers that were there before ``install`` and forget any request (in-process callers such
+    as tests fit again; not in the training CLI's own process)."""
+    if _state["for_process"]:
+        return
+    for sig, previous in _state["previous"].items():
+        signal.signal(sig, previous)
+    _state["previous"].clear()
+    _state["request"] = 0
+
+
+def request() -> int:
+    """The strongest stop requested so far in this process (0: none)."""
+    return _state["request"]
+
+
+def raise_request(kind: int) -> None:
+    """Record a stop that no signal sent (the time-limit check)."""
+    _state["request"] = max(_state["request"], kind)
+
+
+def ignore_job_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores the job's signals (PyTorch's SIGTERM handler would kill
+    it, and the main process would then fail with "DataLoader worker ... killed by signal"); the main process
+    stops at a step boundary and shuts its workers down itself."""
+    for sig in JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def reap_workers_at_exit() -> None:
+    """Kill this process's daemonic children at interpreter exit (once registered, runs before multiprocessing's own
+    exit hook). That hook stops them with SIGTERM, which workers under :func:`ignore_job_signals` ignore, then
+    joins them: after a crash whose traceback keeps the loader's iterator alive, the process would hang forever."""
+    if not _state["reaper"]:
+        _state["reaper"] = True
+        atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

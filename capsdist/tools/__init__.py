@@ -1,0 +1,1 @@
+"""User tools over trained models: evaluate, figures, report, pretrained export/check."""

@@ -1,0 +1,1 @@
+"""Training with Lightning: the LightningModule, the CLI, run outputs, the resume rule, stop, guards, diagnostics."""
