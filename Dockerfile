@@ -2,7 +2,7 @@
 # capsdist training image: CUDA PyTorch base, the package installed, `python -m capsdist.train` as entry point.
 #   docker build -t capsdist .
 #   docker run --gpus all -v "$PWD/runs:/app/runs" capsdist fit --config configs/mnist.yaml
-# torch comes from the base image when it meets pyproject's floor (torch>=2.13, the tested one; see README
+# torch comes from the base image when it meets pyproject's floor (torch>=2.13, the tested one; see docs/index.md,
 # "Dependency floors"), else pip installs a newer one; pick another tag with --build-arg BASE_IMAGE=...
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}

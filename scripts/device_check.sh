@@ -3,7 +3,7 @@
 #   bash scripts/device_check.sh --wheels DIR [--out DIR] [--budget SECONDS]
 # The machine needs torch, pytorch-lightning, torchmetrics, numpy, pillow, pyyaml, tqdm and safetensors; what
 # else capsdist needs (jsonargparse, webdataset and their small dependencies) is installed from the wheels in
-# DIR, downloaded beforehand on a machine with network (README, "On a GPU"):
+# DIR, downloaded beforehand on a machine with network (docs/gpu.md):
 #   pip download -d DIR --only-binary=:all: --python-version 3.12 'jsonargparse[signatures]' webdataset
 # W&B is not needed: the training stage runs with --wandb_mode disabled.
 # Results: JSON lines on stdout and in OUT/device_check.jsonl (OUT = --out, else $OUT, else device_check_out),

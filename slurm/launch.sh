@@ -1,7 +1,7 @@
 # Shared body of the capsdist sbatch templates (sourced by them; not submitted on its own).
 # Starts one training task per device with srun; Lightning's SLURMEnvironment reads rank and world size from
 # srun's variables and checks them against trainer.num_nodes/devices (set here from the allocation).
-# Stops (README "Scaling out"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
+# Stops (docs/scaling.md, "SLURM"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
 # (capsdist.training.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
 # forwards it to the tasks through srun (all-task `--signal=USR1@N` works too, but also reaches loader workers
 # and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (rank 0 leaves the

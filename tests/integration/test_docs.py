@@ -1,15 +1,22 @@
-"""Documented entry points cannot rot: every config in configs/ and every `python -m` command in README.md runs."""
+"""Documented entry points cannot rot: every config in configs/ and every `python -m` command in README.md and
+docs/*.md runs; the site builds with `mkdocs build --strict`; README stays short."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from capsdist.training.cli import main as train_main
 from tests.conftest import REPO, TINY
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # where commands are documented
+README_MAX_LINES = 150  # the README is the front page; the manual is docs/
 
 CONFIG_STACKS = [
     ["quickstart.yaml"],
@@ -64,20 +71,42 @@ def test_config_trains_two_steps(stack: list[str], shards: Path, tmp_path: Path,
 
 
 def readme_commands() -> list[list[str]]:
-    """Every `python -m ...` (and `torchrun ... -m ...`) command in README.md's code blocks, as argv.
+    """Every `python -m ...` (and `torchrun ... -m ...`) command in the code blocks of README.md and docs/*.md, as argv.
 
-    Continuation lines are joined and comments dropped."""
-    readme = (REPO / "README.md").read_text()
+    Continuation lines are joined and comments dropped; a command documented on several pages is listed once."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                argv = shlex.split(part, comments=True)
-                if argv[:2] == ["python", "-m"]:
-                    commands.append(argv[2:])
-                elif argv[:1] == ["torchrun"] and "-m" in argv:  # torchrun [launcher flags] -m module ...
-                    commands.append(argv[argv.index("-m") + 1 :])
+    for page in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for part in line.split("&&"):
+                    argv = shlex.split(part, comments=True)
+                    if argv[:2] == ["python", "-m"]:
+                        argv = argv[2:]
+                    elif argv[:1] == ["torchrun"] and "-m" in argv:  # torchrun [launcher flags] -m module ...
+                        argv = argv[argv.index("-m") + 1 :]
+                    else:
+                        continue
+                    if argv not in commands:
+                        commands.append(argv)
     return commands
+
+
+def test_readme_is_the_front_page() -> None:
+    """README.md stays short (the manual lives in docs/) and keeps the test command CI runs verbatim."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    ci = "bash scripts/install_slurm.sh && pip install torch==2.13.0 -e '.[test]'"
+    ci += " && ruff check . && python -m pytest -q"  # .ci/run runs exactly this line
+    assert f"```bash\n{ci}\n```" in readme
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs not installed: pip install -e '.[docs]'")
+def test_docs_site_builds_strict(tmp_path: Path) -> None:
+    """`mkdocs build --strict`: every page in the nav, no broken link or anchor, every API object found."""
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +159,8 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
         elif module == "data_prep.mnist":
             assert mnist.main(argv) == 0
         elif module == "data_prep.multimnist":
-            if argv[:1] == ["verify"]:  # the folder the README's previous shard command wrote, made small above
-                argv = ["verify", max(str(p) for p in tmp_path.glob("shards*"))]
+            if argv[:1] == ["verify"]:  # the folder the docs' previous shard command wrote, made small above
+                argv = ["verify", str(max(tmp_path.glob("shards*"), key=lambda p: int(p.name.removeprefix("shards"))))]
             elif "--benchmark" in argv:
                 argv = [*argv, "--num_samples", "100"]
             else:
@@ -151,6 +180,6 @@ def test_readme_commands_run(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
         elif module == "venv":
             continue  # "Install from a wheel": tests/integration/test_wheel.py runs that section
         else:
-            pytest.fail(f"README documents `python -m {module}`, which this test does not know how to run")
+            pytest.fail(f"the docs document `python -m {module}`, which this test does not know how to run")
         capsys.readouterr()
     assert seen >= {"capsdist.train", "capsdist.bench", "capsdist.evaluate", "capsdist.figures", "data_prep.multimnist"}
