@@ -116,7 +116,7 @@ def open_shard(url: str) -> Any:
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=URL_TIMEOUT)
     if not is_local(url):
-        from webdataset.gopen import gopen
+        from webdataset.gopen import gopen  # webdataset (heavy) only for remote shards
 
         return gopen(url, "rb")
     return open(url, "rb")

@@ -1,0 +1,85 @@
+"""Canaries for every private API capsdist uses, one test per dependency seam (capsdist/compat/): each names the
+attribute and the version its seam was written for, so an upgrade that moves one fails here, by name, instead of
+silently running without the behaviour it gave (an unshielded W&B service, an unbounded YAML loader...)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ThroughputMonitor
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+
+from capsdist.compat import dcp, lightning
+from capsdist.compat import wandb as wandb_seam
+
+
+def _has(owner: object, name: str, written_for: str, package: str) -> None:
+    assert hasattr(owner, name), (
+        f"{package} {version(package)} has no {getattr(owner, '__name__', type(owner).__name__)}.{name}, which "
+        f"capsdist/compat was written against ({package} {written_for}): adapt the seam"
+    )
+
+
+def test_lightning_private_attributes_exist() -> None:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
+    for owner, name in [
+        (trainer, "_logger_connector"),
+        (trainer._logger_connector, "should_update_logs"),
+        (trainer, "_checkpoint_connector"),
+        (trainer._checkpoint_connector, "_get_loops_state_dict"),
+        (trainer._checkpoint_connector, "hpc_save_path"),
+        (trainer.fit_loop, "_can_stop_early"),
+        (trainer.fit_loop.epoch_loop, "_num_ready_batches_reached"),
+        (pl.LightningModule(), "_log_hyperparams"),
+        (pl.LightningDataModule(), "_log_hyperparams"),
+        (WandbLogger(offline=True, mode="disabled"), "_experiment"),
+        (LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)), "_optimizer"),
+        (ThroughputMonitor(lambda b: 1), "_samples"),
+        (ThroughputMonitor(lambda b: 1), "_batches"),
+    ]:
+        _has(owner, name, lightning.WRITTEN_FOR, "pytorch-lightning")
+
+
+@pytest.mark.parametrize(
+    ("base", "method"),
+    [(LightningCLI, "_parse_ckpt_path"), (FSDPStrategy, "_setup_model"), (DDPStrategy, "_setup_model"),
+     (ThroughputMonitor, "_update")],
+)  # fmt: skip
+def test_lightning_private_methods_capsdist_overrides_exist(base: type, method: str) -> None:
+    """An override of a method the base no longer has would silently never run."""
+    _has(base, method, lightning.WRITTEN_FOR, "pytorch-lightning")
+    assert "_ddp_kwargs" in inspect.getsource(DDPStrategy.__init__), "DDPStrategy no longer keeps _ddp_kwargs"
+
+
+def test_wandb_launcher_takes_the_core_path_from_wandb_util() -> None:
+    """The W&B shield redirects ``get_core_path`` in the launcher module; if the launcher stops taking it from
+    there, the service would start unshielded and die with the job's first SIGTERM."""
+    import wandb.util
+
+    launcher = importlib.import_module(wandb_seam.LAUNCHER)
+    assert getattr(launcher, "get_core_path", None) is wandb.util.get_core_path, (
+        f"wandb {version('wandb')}: {wandb_seam.LAUNCHER}.get_core_path is not wandb.util's "
+        f"(capsdist/compat/wandb.py was written for wandb {wandb_seam.WRITTEN_FOR})"
+    )
+
+
+def test_dcp_private_names_exist() -> None:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    _has(ShardedTensor, "_init_from_local_shards_and_global_metadata", dcp.WRITTEN_FOR, "torch")
+    for (module, name), value in dcp.PRIVATE_METADATA_CLASSES.items():
+        assert getattr(importlib.import_module(module), name) is value, f"torch {torch.__version__}: {module}.{name}"
+
+
+def test_jsonargparse_private_loader_exists() -> None:
+    module = importlib.import_module("jsonargparse._loaders_dumpers")
+    for name in ("get_yaml_default_loader", "yaml_load"):
+        _has(module, name, "4.53", "jsonargparse")
