@@ -1,8 +1,10 @@
 """The wheel works outside a checkout: built with `pip wheel`, installed (not editable) into a fresh virtual
 environment, and run from a folder outside the checkout with no PYTHONPATH, as a user who ran `pip install` would.
 
-torch and Lightning come from the system (`--system-site-packages`, nothing downloaded); the assertion on
-`capsdist.__file__` proves the checkout is not what runs.
+torch and Lightning come from the interpreter running the tests, wherever its packages are (the system's, or a
+virtual environment's: `--system-site-packages` would give the base interpreter's instead), through a path file
+that lists its site-packages folders and so runs none of their own path files (an editable capsdist stays out);
+nothing is downloaded. The assertion on `capsdist.__file__` proves the checkout is not what runs.
 """
 
 from __future__ import annotations
@@ -47,10 +49,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel installed (its bin/ folder)."""
     root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=300)
+    ask = [str(root / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    purelib = Path(subprocess.run(ask, capture_output=True, text=True, check=True).stdout.strip())
+    (purelib / "test-host-packages.pth").write_text("\n".join(host_site_packages()) + "\n")
     pip = [str(root / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)]
     subprocess.run(pip, check=True, env=user_env(root), timeout=300)
     return root / "bin"
+
+
+def host_site_packages() -> list[str]:
+    """The site-packages folders of the interpreter running the tests (a venv's own, then its base's, if any)."""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
 
 
 def user_env(home: Path, **extra: str) -> dict[str, str]:
