@@ -25,6 +25,7 @@ CONFIG_STACKS = [
     *[["mnist.yaml", f"ablation/{p.name}"] for p in sorted((REPO / "configs/ablation").glob("*.yaml"))],
     ["multimnist.yaml"],
     ["multimnist.yaml", "multimnist_onthefly.yaml"],
+    ["multimnist.yaml", "multimnist_onthefly.yaml", "multimnist_cpu.yaml"],
     ["large.yaml"],
     ["large_cpu.yaml"],
     *[["large.yaml", f"strategy/{p.name}"] for p in sorted((REPO / "configs/strategy").glob("*.yaml"))],

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from capsdist.checkpoint.weights import CONFIG_KEY
 from capsdist.model import CapsNet
 from capsdist.tools import evaluate, figures, pretrained
 from capsdist.training import cli as train
@@ -199,7 +200,7 @@ def test_png_bomb_and_huge_member_are_skipped_in_bounded_memory(shards: Path, tm
 def _forged_weights(path: Path, **config: object) -> Path:
     """A tiny model's safetensors whose capsnet_config is TINY_NET overridden by ``config``."""
     tensors = {k: v.half().contiguous() for k, v in CapsNet(**TINY_NET).state_dict().items()}
-    save_file(tensors, str(path), metadata={pretrained.CONFIG_KEY: json.dumps({**TINY_NET, **config})})
+    save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps({**TINY_NET, **config})})
     return path
 
 
@@ -262,10 +263,10 @@ def test_checkpoint_refused_by_weights_only_is_named_unsafe(cli: str, tmp_path: 
 @pytest.mark.parametrize(
     ("metadata", "phrase"),
     [
-        ({pretrained.CONFIG_KEY: "{conv_channels: 16"}, "its metadata 'capsnet_config' is not JSON"),
-        ({pretrained.CONFIG_KEY: "[16, 4]"}, "capsnet_config must be an object of CapsNet arguments, it has a list"),
-        ({pretrained.CONFIG_KEY: json.dumps({**TINY_NET, "conv_channels": "16"})}, "--model.conv_channels '16'"),
-        ({pretrained.CONFIG_KEY: json.dumps(TINY_NET), "global_step": '"ten"'}, "global_step 'ten' is not an integer"),
+        ({CONFIG_KEY: "{conv_channels: 16"}, "its metadata 'capsnet_config' is not JSON"),
+        ({CONFIG_KEY: "[16, 4]"}, "capsnet_config must be an object of CapsNet arguments, it has a list"),
+        ({CONFIG_KEY: json.dumps({**TINY_NET, "conv_channels": "16"})}, "--model.conv_channels '16'"),
+        ({CONFIG_KEY: json.dumps(TINY_NET), "global_step": '"ten"'}, "global_step 'ten' is not an integer"),
     ],
     ids=["not JSON", "config a list", "a string size", "step a string"],
 )

@@ -80,9 +80,13 @@ def test_wandb_service_survives_the_job_signals(tmp_path: Path) -> None:
     assert not _alive(helpers)
 
 
-def _alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` that still run (neither gone nor a zombie)."""
-    return [p for p in pids if _state(p) != "Z"]
+def _alive(pids: list[int], within: float = 10.0) -> list[int]:
+    """Those of ``pids`` that still run (neither gone nor a zombie) after up to ``within`` seconds: a helper ends
+    with the main process through PR_SET_PDEATHSIG or its watchdog, a moment after that process has exited."""
+    deadline = time.monotonic() + within
+    while (left := [p for p in pids if _state(p) != "Z"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def _state(pid: int) -> str:
@@ -135,10 +139,7 @@ def test_killed_main_process_leaves_no_loader_process(tmp_path: Path) -> None:
     assert len(_loader_workers(proc.pid)) == 2
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 15  # the workers' watchdog looks every 5 s
-    while time.monotonic() < deadline and _alive(helpers):
-        time.sleep(0.2)
-    assert not _alive(helpers), helpers
+    assert not _alive(helpers, within=15), helpers  # the workers' watchdog looks every 5 s
 
 
 def test_a_crash_with_loader_workers_exits(tmp_path: Path) -> None:
