@@ -99,7 +99,12 @@ def child_pids(pid: int) -> list[int]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu`` tests on machines without CUDA (device_check's CPU smoke run keeps them, CPU against CPU)."""
+    """The tiers: every test under tests/integration/ (CLIs, Lightning runs, subprocesses, SLURM, torchrun) is
+    ``slow``, so ``-m "not slow"`` is the unit tier, the contributor loop. Skip ``gpu`` tests on machines without
+    CUDA (device_check's CPU smoke run keeps them, CPU against CPU)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available() or os.environ.get("CAPSDIST_GPU_TESTS_ON_CPU"):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
