@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing.util  # registers multiprocessing's exit hook now, so that the reaper (later) runs before it
+import os
+import select
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -64,12 +67,49 @@ def raise_request(kind: int) -> None:
     _state["request"] = max(_state["request"], kind)
 
 
-def ignore_job_signals(worker_id: int = 0) -> None:
+def ignore_job_signals(worker_id: int = 0, owner: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: the worker ignores the job's signals (PyTorch's SIGTERM handler would kill
     it, and the main process would then fail with "DataLoader worker ... killed by signal"); the main process
-    stops at a step boundary and shuts its workers down itself."""
+    stops at a step boundary and shuts its workers down itself. With ``owner`` (the training process's PID; bind
+    it with functools.partial) the worker also ends the moment that process does (:func:`leave_with`)."""
     for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if owner is not None:
+        leave_with(owner)
+
+
+def leave_with(owner: int) -> None:
+    """End this process (``os._exit``) as soon as process ``owner`` has exited, from a daemon thread. PyTorch's own
+    worker watchdog looks at the worker's parent, which for a fork-server worker is the server, and a worker that
+    notices it may then hang forever joining its queue's feeder thread: seen after a SIGKILL of the training
+    process, an orphaned worker still waiting in a futex 14 minutes later."""
+    try:
+        handle = os.pidfd_open(owner)  # readable once the process has exited (Linux 5.3)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:  # no pidfd here: poll the PID instead
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _exists(owner):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="capsdist-owner-watch", daemon=True).start()
+
+
+def _exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def reap_workers_at_exit() -> None:

@@ -21,6 +21,8 @@ the fit writes anything, and again by ``load_state_dict``):
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
@@ -55,7 +57,7 @@ class ResumableLoader(DataLoader):
             num_workers=num_workers,
             pin_memory=pin_memory,
             timeout=timeout,
-            worker_init_fn=ignore_job_signals if num_workers > 0 else None,
+            worker_init_fn=functools.partial(ignore_job_signals, owner=os.getpid()) if num_workers > 0 else None,
             multiprocessing_context=start_server() if num_workers > 0 else None,
         )
         if num_workers > 0:

@@ -150,3 +150,24 @@ def test_a_crash_with_loader_workers_exits(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=90,
                           env=subprocess_env())  # fmt: skip
     assert proc.returncode == 1 and "a crash mid-epoch" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_worker_ends_with_its_training_process_even_if_its_exit_would_hang(tmp_path: Path) -> None:
+    """``leave_with``: a process whose exit would hang forever (a non-daemon thread that never returns, as a loader
+    worker joining its queue's feeder thread into a pipe nobody reads) still ends within seconds of its owner's
+    SIGKILL."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    code = textwrap.dedent(f"""
+        import threading, time
+        from capsdist.cluster.signals import leave_with
+        threading.Thread(target=time.sleep, args=(600,)).start()  # non-daemon: a normal exit would wait for it
+        leave_with({owner.pid})
+        print("ready", flush=True)
+    """)
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    assert worker.stdout.readline().strip() == "ready"
+    owner.kill()
+    owner.wait()
+    started = time.monotonic()
+    assert worker.wait(timeout=10) == 0
+    assert time.monotonic() - started < 3
