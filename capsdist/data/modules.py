@@ -15,10 +15,9 @@ the settings and returns the source's module, built from those it has (``train_s
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Iterable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -29,13 +28,11 @@ from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMnist, DeviceMultiMnist
 from capsdist.data.loader import PlainIterable, ResumableLoader
-from capsdist.data.rules import DATA_RULES
+from capsdist.data.settings import DATA_RULES, MNIST, ONTHEFLY, SETTINGS, SHARDS, SOURCE, Source, declare, names_of
 from capsdist.data.shard_format import manifest_total
 from capsdist.data.shard_urls import expand_shards
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
 from capsdist.data.workers import start_server
-
-Source = Literal["mnist", "multimnist_shards", "multimnist_onthefly"]
 
 
 class BaseData(pl.LightningDataModule):
@@ -46,30 +43,25 @@ class BaseData(pl.LightningDataModule):
     num_targets: ClassVar[int] = 2  # digits per image (K)
     in_memory: ClassVar[bool] = False  # batches made from arrays in memory (no loader workers by default)
 
-    def __init__(
-        self,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        seed: int = 0,
-        train_batches_per_epoch: int | None = None,
-        val_batches: int | None = None,
-        pin_memory: bool = False,
-    ) -> None:
-        """Settings of every source (subclasses document them)."""
+    def __init__(self, **settings: Any) -> None:
+        """Keep the source's settings (``capsdist.data.settings``: the table declares them, their defaults, help and
+        ranges), check them, and save them with the source (evaluate and resume read them from a checkpoint)."""
         super().__init__()
-        if num_workers is None:  # 2, or the SLURM task's CPUs but the training one (up to 8); none in memory
-            cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-            num_workers = 0 if self.in_memory else min(8, int(cpus) - 1) if cpus.isdigit() else 2
-        if num_workers > 0:
-            start_server()  # the workers' fork server imports while the run sets up (capsdist.data.workers)
-        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
-        self.train_batches_per_epoch, self.val_batches = train_batches_per_epoch, val_batches
-
-    def _save(self) -> None:
-        """Save the subclass's init arguments and its source (evaluate rebuilds the data from them)."""
-        self.save_hyperparameters(ignore=[], frame=inspect.currentframe().f_back)
+        names = names_of(self.source)
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got settings it does not read: {', '.join(unknown)}")
+        settings = {name: settings.get(name, SETTINGS[name].default) for name in names}
+        self.hparams.update(settings)  # what a checkpoint saves (save_hyperparameters reads __init__'s locals)
         check("data", self.hparams, DATA_RULES)
         self.hparams["source"] = self.source
+        for name, value in settings.items():
+            setattr(self, name, value)
+        if self.num_workers is None:  # 2, or the SLURM task's CPUs but the training one (up to 8); none in memory
+            cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+            self.num_workers = 0 if self.in_memory else min(8, int(cpus) - 1) if cpus.isdigit() else 2
+        if self.num_workers > 0:
+            start_server()  # the workers' fork server imports while the run sets up (capsdist.data.workers)
 
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) from the trainer, (0, 1) without one."""
@@ -149,43 +141,14 @@ class _MnistArrays(BaseData):
 class MnistData(_MnistArrays):
     """MNIST digits for CapsNet training (one target per image, 28x28)."""
 
-    source = "mnist"
+    source = MNIST
     image_size = recipe.DIGIT
     num_targets = 1
 
-    def __init__(
-        self,
-        mnist_dir: str | None = None,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        train_batches_per_epoch: int | None = None,
-        val_batches: int | None = None,
-        train_samples: int | None = None,
-        val_samples: int | None = None,
-        max_shift: int = 2,
-        seed: int = 0,
-        pin_memory: bool = False,
-        generate_on_device: bool = False,
-    ) -> None:
-        """MNIST from memory.
-
-        Args:
-            mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
-            batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank (default: 0, as the batches are made in memory).
-            train_batches_per_epoch: batches per rank per epoch (default: all full batches of this rank's share).
-            val_batches: cap on validation batches per rank.
-            train_samples: use only the first N training images.
-            val_samples: use only the first N test images.
-            max_shift: random shift of up to this many pixels (paper: 2; 0 disables).
-            seed: base seed of every random stream (combined with epoch, rank and batch).
-            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-            generate_on_device: the loader ships indices/offsets; the digits are shifted on the batch's device (GPU).
-        """
-        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
-        self._save()
-        self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
-        self.max_shift, self._train_cap, self.generate_on_device = max_shift, train_samples, generate_on_device
+    @declare("MNIST from memory.", names_of(MNIST))
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._train_cap = self.train_samples
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
@@ -209,39 +172,11 @@ class MnistData(_MnistArrays):
 class OnTheFlyData(_MnistArrays):
     """MultiMNIST overlays drawn on the fly from MNIST in memory (36x36, two targets), no shards."""
 
-    source = "multimnist_onthefly"
+    source = ONTHEFLY
 
-    def __init__(
-        self,
-        mnist_dir: str | None = None,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        train_batches_per_epoch: int | None = None,
-        val_batches: int | None = None,
-        train_samples: int | None = None,
-        val_samples: int | None = None,
-        seed: int = 0,
-        generate_on_device: bool = False,
-        pin_memory: bool = False,
-    ) -> None:
-        """MultiMNIST on the fly.
-
-        Args:
-            mnist_dir: MNIST folder (default: $CAPSDIST_MNIST_DIR, the repo's data/mnist, then a download).
-            batch_size: samples per batch per rank.
-            num_workers: DataLoader worker processes per rank (default: 0, as the batches are made in memory).
-            train_batches_per_epoch: batches per rank per epoch (default: train_samples / (world * batch_size)).
-            val_batches: validation batches per rank (default: val_samples / (world * batch_size)).
-            train_samples: samples per epoch, all ranks together (default: the size of the MNIST train split).
-            val_samples: validation samples, all ranks together (default 10000).
-            seed: base seed of every random stream (combined with epoch, rank and batch).
-            generate_on_device: workers draw indices/offsets, the images are composed on the batch's device (GPU).
-            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-        """
-        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
-        self._save()
-        self.mnist_dir, self.train_samples, self.val_samples = mnist_dir, train_samples, val_samples
-        self.generate_on_device = generate_on_device
+    @declare("MultiMNIST on the fly.", names_of(ONTHEFLY))
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's training stream of fresh overlays (fixed length, resumable)."""
@@ -264,45 +199,12 @@ class OnTheFlyData(_MnistArrays):
 class ShardData(BaseData):
     """MultiMNIST from WebDataset shards written by ``python -m data_prep.multimnist`` (36x36, two targets)."""
 
-    source = "multimnist_shards"
+    source = SHARDS
     resume_needs_same_workers = True  # as its stream's; capsdist.training.resume.check_loader reads it before a resume
 
-    def __init__(
-        self,
-        train_shards: str | list[str] | None = None,
-        val_shards: str | list[str] | None = None,
-        test_shards: str | list[str] | None = None,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        shuffle_buffer: int = 2000,
-        train_batches_per_epoch: int | None = None,
-        val_batches: int | None = None,
-        train_samples: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
-        verify_shards: bool = True,
-    ) -> None:
-        """MultiMNIST shards.
-
-        Args:
-            train_shards: training shards (paths, directories, brace patterns, URLs, pipe:).
-            val_shards: validation shards, read once per validation.
-            test_shards: shards that `test` and `predict` read once (default: val_shards).
-            batch_size: samples per batch per rank.
-            num_workers: DataLoader workers per rank (a resume needs the same number; default 2, SLURM: CPUs - 1, <= 8).
-            shuffle_buffer: samples in each shard worker's shuffle buffer.
-            train_batches_per_epoch: batches per rank per epoch (default: from train_samples or manifest.json).
-            val_batches: cap on validation batches per rank.
-            train_samples: samples per epoch, all ranks together (default: the manifest's total).
-            seed: base seed of every random stream (combined with epoch, rank and worker).
-            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-            verify_shards: check each local shard's sha256 against its manifest.json as it is read.
-        """
-        super().__init__(batch_size, num_workers, seed, train_batches_per_epoch, val_batches, pin_memory)
-        self._save()
-        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
-        self.verify_shards = verify_shards
-        self.shuffle_buffer, self.train_samples = shuffle_buffer, train_samples
+    @declare("MultiMNIST shards.", names_of(SHARDS))
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
 
     def train_dataloader(self) -> ResumableLoader:
         """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
@@ -348,53 +250,12 @@ SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, Sha
 class CapsDataModule(BaseData):
     """The CLI's data section: ``source`` picks MnistData, ShardData or OnTheFlyData; returns an instance of it."""
 
-    def __new__(
-        cls,
-        source: Source = "mnist",
-        mnist_dir: str | None = None,
-        train_shards: str | list[str] | None = None,
-        val_shards: str | list[str] | None = None,
-        test_shards: str | list[str] | None = None,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        shuffle_buffer: int = 2000,
-        train_batches_per_epoch: int | None = None,
-        val_batches: int | None = None,
-        train_samples: int | None = None,
-        val_samples: int | None = None,
-        max_shift: int = 2,
-        seed: int = 0,
-        generate_on_device: bool = False,
-        pin_memory: bool = False,
-        verify_shards: bool = True,
-    ) -> BaseData:  # type: ignore[misc]
-        """Data for one run: the source's module, built from the settings it has (the rest do not apply to it).
-
-        Args:
-            source: "mnist" (MnistData), "multimnist_shards" (ShardData) or "multimnist_onthefly" (OnTheFlyData).
-            mnist_dir: mnist, on-the-fly: MNIST folder (default: $CAPSDIST_MNIST_DIR, data/mnist, a download).
-            train_shards: shards: training shards (paths, directories, brace patterns, URLs, pipe:).
-            val_shards: shards: validation shards.
-            test_shards: shards: what `test` and `predict` read (default: val_shards).
-            batch_size: samples per batch per rank.
-            num_workers: DataLoader workers per rank (default 0 in memory; shards: 2, SLURM: CPUs - 1, <= 8).
-            shuffle_buffer: shards: samples in each shard worker's shuffle buffer.
-            train_batches_per_epoch: batches per rank per epoch (default: derived from the data size).
-            val_batches: cap on validation batches per rank.
-            train_samples: mnist: use only the first N training images; streams: N samples per epoch (all ranks).
-            val_samples: mnist: first N test images; on-the-fly: N validation samples (default 10000).
-            max_shift: mnist: random shift of up to this many pixels (paper: 2; 0 disables).
-            seed: base seed of every random stream (combined with epoch, rank and batch/worker).
-            generate_on_device: mnist, on-the-fly: the loader ships indices/offsets, images are composed on the GPU.
-            pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-            verify_shards: shards: check each local shard's sha256 against manifest.json as it is read.
-        """
-        settings = {k: v for k, v in locals().items() if k not in ("cls", "source")}
+    @declare("Data for one run: the source's module, built from the settings it reads (the rest do not apply to it).",
+             list(SETTINGS), [SOURCE])
+    def __new__(cls, source: Source = MNIST, **settings: Any) -> BaseData:  # type: ignore[misc]
         if source not in SOURCES:
             raise DataError(f"unknown source {source!r}. Fix: mnist, multimnist_shards or multimnist_onthefly.")
-        if generate_on_device and source == "multimnist_shards":
+        if settings.get("generate_on_device") and source == SHARDS:
             raise DataError("generate_on_device needs source=mnist or multimnist_onthefly (shards hold images).")
         target = SOURCES[source]
-        known = inspect.signature(target.__init__).parameters
-        return target(**{k: v for k, v in settings.items() if k in known})
-
+        return target(**{k: v for k, v in settings.items() if k in names_of(source)})

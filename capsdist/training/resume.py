@@ -32,6 +32,7 @@ from capsdist.compat.lightning import loops_state, stops_mid_epoch
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_save
 from capsdist.data.loader import ResumableLoader, check_state
+from capsdist.data.settings import FREE_ON_RESUME
 from capsdist.model.capsnet import MODEL_ARGS
 from capsdist.training.module import CheckpointMismatchError
 
@@ -39,10 +40,9 @@ _STARTED = time.time()  # this process's start (the import of the training CLI):
 JOB_FILE = "slurm_job"  # in the run folder: the launch (SLURM job, torchrun) that owns it, for automatic restarts
 # model settings a resumed run must share with its checkpoint (the rest, e.g. image logging, may change)
 IDENTITY_KEYS = (*MODEL_ARGS, "num_targets", "recon_weight")
-# data settings that do not change the training stream: free to change on resume (all others are refused;
-# num_workers is checked against the loader state, where the stream depends on it)
-DATA_FREE = {"num_workers", "pin_memory", "val_batches", "val_samples", "val_shards", "test_shards",
-             "verify_shards", "generate_on_device", "mnist_dir"}  # fmt: skip
+# data settings that do not change the training stream are free to change on resume (capsdist.data.settings: the
+# table's ``free``); all others are refused; num_workers is checked against the loader state, where the stream
+# depends on it
 
 
 class ResumeError(CapsdistError):
@@ -246,7 +246,7 @@ def check_identity(checkpoint: dict[str, Any], path: Path, model: dict[str, Any]
             "of the run that wrote it (its config.yaml is in that run folder), or start a fresh run in a new "
             "folder without --ckpt_path."
         )
-    stream = _differ(theirs, data, sorted((set(theirs) & set(data)) - DATA_FREE))
+    stream = _differ(theirs, data, sorted((set(theirs) & set(data)) - FREE_ON_RESUME))
     if stream:
         flags = " ".join(f"--data.{k} {json.dumps(theirs[k])}" for k in stream)
         raise CheckpointMismatchError(
