@@ -221,9 +221,10 @@ def dynamic_routing(
         # [B*n_out, n_in, d]: a view of input-major memory (a copy only for other layouts)
         flat = u.transpose(0, 1).reshape(n_in, batch * n_out, d).transpose(0, 1)
         if iterations > 1 and not detach:
-            # a compiled graph owns its buffers: writing over a saved input there only forces a copy
-            copied = flat.untyped_storage().data_ptr() != u_hat.untyped_storage().data_ptr()
-            reuse = (owned or copied) and not torch.compiler.is_compiling()
+            # a compiled or exported graph owns its buffers (writing over a saved input there only forces a copy),
+            # and its fake tensors have no storage to compare: decided before any storage is read
+            traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            reuse = not traced and (owned or flat.untyped_storage().data_ptr() != u_hat.untyped_storage().data_ptr())
             return _FullRouting.apply(flat, batch, iterations, stats, reuse).view(batch, n_out, d)
         inner = flat.detach() if detach else flat
         # round 1: the softmax of all-zero logits is uniform, so s_j is the plain mean over inputs
