@@ -55,7 +55,7 @@ LINKED = {"model.image_size": "image size", "model.num_targets": "number of digi
 def check_argv(argv: list[str]) -> None:
     """Refuse flags the data module sets (jsonargparse's own message names a `--data.*` flag that does not exist)
     and a ``--config`` file too large to be a config (read whole, it would parse for minutes)."""
-    for arg, value in zip(argv, [*argv[1:], ""], strict=True):
+    for arg, value in zip(argv, [*argv[1:], ""][: len(argv)], strict=True):  # each flag with the word after it
         key = arg.removeprefix("--").split("=", 1)[0]
         path = Path(arg.split("=", 1)[1] if "=" in arg else value)
         if key == "config" and path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:

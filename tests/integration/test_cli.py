@@ -164,3 +164,11 @@ def test_model_flags_have_help(capsys: pytest.CaptureFixture) -> None:
         helps[parts[0].split()[0]] = " ".join([*parts[1:], *rest]).strip()
     bare = [name for name, text in helps.items() if text.startswith("(type:")]
     assert len(helps) >= 15 and bare == [], bare
+
+
+def test_the_training_cli_without_arguments_is_a_usage_error_not_a_traceback() -> None:
+    """`capsdist-train` alone: jsonargparse's short usage error (exit 2), no traceback from capsdist's own checks."""
+    done = subprocess.run([sys.executable, "-m", "capsdist.train"], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert 'expected "subcommand"' in done.stderr and len(done.stderr.splitlines()) <= 4

@@ -42,3 +42,4 @@ def test_ranges_and_the_resume_rule_read_the_table() -> None:
         CapsDataModule(source="mnist", max_shift=5)
     with pytest.raises(TypeError, match="does not read: train_shards"):
         SOURCES["mnist"](train_shards="x")
+
