@@ -172,13 +172,33 @@ def _unfilter(raws: Sequence[bytes]) -> np.ndarray:
 
 
 def _pil_scanlines(data: bytes) -> bytes:
-    """Scanlines (filter type 0) of any PNG PIL reads (RGB, palette, 16-bit, interlaced: other writers' choices),
-    as 8-bit grayscale; the image must still be CANVAS x CANVAS."""
+    """Scanlines (filter type 0) of any greyscale PNG PIL reads (other writers' choices: 1-16 bits, interlaced), as
+    8-bit grey: 16-bit values scaled (>> 8; PIL's ``convert("L")`` clips them to white), 1-4 bits expanded by PIL.
+    RGB and palette PNGs whose pixels are all grey are read as such; colour and alpha are refused with the mode,
+    never silently made grey: MultiMNIST digits are grey (the image must still be CANVAS x CANVAS)."""
     with Image.open(io.BytesIO(data)) as im:
         if im.format != "PNG" or im.size != (CANVAS, CANVAS):
             raise ValueError(f"expected a {CANVAS}x{CANVAS} PNG, got a {im.format} of {im.size}")
-        pixels = np.asarray(im.convert("L"), dtype=np.uint8)
+        if im.mode in ("L", "1"):
+            pixels = np.asarray(im.convert("L"), dtype=np.uint8)
+        elif im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B") or its 32-bit integer reading ("I")
+            pixels = (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        elif im.mode in ("RGB", "P") and _is_grey(rgb := np.asarray(im.convert("RGB"))):  # grey, in colour clothes
+            pixels = rgb[..., 0]
+        else:
+            raise ValueError(
+                f"a {im.mode} PNG with colour or alpha ({GREY_ONLY}); converting it to grey would silently change the data. Fix: write "
+                "grey images, as capsdist-shards does"
+            )
     return b"".join(b"\0" + row.tobytes() for row in pixels)
+
+
+GREY_ONLY = "MultiMNIST shards hold 1- to 16-bit greyscale digits without alpha"
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+    """Whether every pixel of an [H, W, 3] image has equal channels (another writer's RGB or palette of greys)."""
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def _scanlines(data: bytes) -> bytes:
@@ -211,7 +231,13 @@ def inflate_sample(sample: dict[str, Any]) -> _Inflated:
         raise ValueError(f"{sample['__key__']}.{big[0]} is {sample[big[0]].size:,} bytes, over the member cap of "
                          f"{MAX_MEMBER_BYTES:,} (skipped unread)")  # fmt: skip
     labels = check_labels(json.loads(sample[META_KEY].decode())["labels"])  # UTF-8, as written
-    return (*(_scanlines(sample[k]) for k in IMAGE_KEYS), labels)
+    images = []
+    for key in IMAGE_KEYS:
+        try:
+            images.append(_scanlines(sample[key]))
+        except (ValueError, OSError) as err:  # the message names the member: the shard is named by the caller
+            raise type(err)(f"{sample.get('__key__')}.{key}: {err}") from None
+    return (*images, labels)
 
 
 def collate_inflated(samples: list[_Inflated]) -> Batch:
