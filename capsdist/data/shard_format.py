@@ -187,8 +187,8 @@ def _pil_scanlines(data: bytes) -> bytes:
             pixels = rgb[..., 0]
         else:
             raise ValueError(
-                f"a {im.mode} PNG with colour or alpha ({GREY_ONLY}); converting it to grey would silently change the data. Fix: write "
-                "grey images, as capsdist-shards does"
+                f"a {im.mode} PNG with colour or alpha ({GREY_ONLY}); converting it to grey would silently change "
+                "the data. Fix: write grey images, as capsdist-shards does"
             )
     return b"".join(b"\0" + row.tobytes() for row in pixels)
 
