@@ -37,8 +37,10 @@ def worker_context() -> BaseContext:
         return multiprocessing.get_context("fork")  # a program read from stdin: a worker could not run it again
     context = multiprocessing.get_context("forkserver")
     name = getattr(main.__spec__, "name", "") or ""  # `python -m NAME`: a worker runs NAME again
-    # multiprocessing never runs a package's __main__ again (its code is not guarded), so neither may the server
-    named = [name] if name and not name.endswith("__main__") else []
+    # multiprocessing never runs a package's __main__ again (its code is not guarded), so neither may the server;
+    # a capsdist entry point (`python -m capsdist.train`, a thin shim) is not preloaded by name either: its imports
+    # are among ours below, and a worker running a preloaded module again warns "found in sys.modules" (runpy)
+    named = [name] if name and not name.endswith("__main__") and name.split(".")[0] != "capsdist" else []
     # a worker of a script (`capsdist-train`, a user's file) runs the script again: its capsdist imports are ready
     ours = sorted(module for module in sys.modules if module.split(".")[0] == "capsdist")
     context.set_forkserver_preload([SERVER_MODULE, *named, *ours])

@@ -172,3 +172,15 @@ def test_the_training_cli_without_arguments_is_a_usage_error_not_a_traceback() -
                           env=subprocess_env())  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert 'expected "subcommand"' in done.stderr and len(done.stderr.splitlines()) <= 4
+
+
+def test_training_cli_workers_print_no_runpy_warning(tmp_path: Path) -> None:
+    """`python -m capsdist.train` with loader workers: no "'capsdist.train' found in sys.modules" RuntimeWarning from
+    each worker (the entry point is not preloaded by name; its imports are)."""
+    flags = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--data.num_workers", "2", "--trainer.max_steps",
+             "2", "--data.val_samples", "64", "--data.train_samples", "256", "--wandb_mode", "disabled",
+             f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "capsdist.train", "fit", *flags], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RuntimeWarning" not in done.stderr

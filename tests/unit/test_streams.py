@@ -169,3 +169,4 @@ def test_resume_refused_when_not_exact(test_split: tuple[torch.Tensor, torch.Ten
     with pytest.raises(data.DataError, match="world size"):
         stream = data.MnistStream(images, labels, 50, train=True, rank=0, world_size=2)
         data.ResumableLoader(stream).load_state_dict(mnist_state)
+
