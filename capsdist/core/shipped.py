@@ -92,3 +92,12 @@ def weights_path(value: str | Path) -> Path:
     if not path.exists() and name in WEIGHTS:
         return weights_dir() / WEIGHTS[name]
     return path
+
+
+DATA_TOOLS = {"mnist": "capsdist-mnist", "multimnist": "capsdist-shards"}  # data_prep module -> console script
+
+
+def data_tool(name: str) -> str:
+    """How a fix message names a data tool: ``python -m data_prep.NAME`` in a checkout (its data_prep/ aliases),
+    the console script (``capsdist-mnist``, ``capsdist-shards``) in an installed wheel, which has no data_prep."""
+    return f"python -m data_prep.{name}" if (PACKAGE.parent / "data_prep").is_dir() else DATA_TOOLS[name]

@@ -30,6 +30,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
+from capsdist.core.shipped import data_tool
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.workers import start_server
 
@@ -94,7 +95,7 @@ class ResumableLoader(DataLoader):
             raise DataError(
                 f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
                 f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "
-                "check them with `python -m data_prep.multimnist verify DIR`, or point the shard setting elsewhere."
+                f"check them with `{data_tool('multimnist')} verify DIR`, or point the shard setting elsewhere."
             )
 
     def _what(self) -> str:

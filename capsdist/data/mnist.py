@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_write
+from capsdist.core.shipped import data_tool
 
 Split = Literal["train", "test"]
 
@@ -82,8 +83,8 @@ def file_names(split: Split) -> tuple[str, str]:
 def _fix(folder: Path) -> str:
     """The standard remedy sentence for a bad MNIST folder."""
     return (
-        f"Fix: run `python -m data_prep.mnist --dir {folder}` to download verified copies, "
-        f"or `python -m data_prep.mnist --dir {folder} --from DIR` to install files you already have."
+        f"Fix: run `{data_tool('mnist')} --dir {folder}` to download verified copies, "
+        f"or `{data_tool('mnist')} --dir {folder} --from DIR` to install files you already have."
     )
 
 
@@ -243,7 +244,7 @@ def download(folder: str | os.PathLike, mirrors: Sequence[str] | None = None, ti
             raise MnistError(
                 f"could not download {name} from any mirror:\n" + "\n".join(errors) + "\n"
                 f"Fix: get the four official files some other way and run "
-                f"`python -m data_prep.mnist --dir {folder} --from DIR`, set ${ENV_DIR} to a folder holding them, "
+                f"`{data_tool('mnist')} --dir {folder} --from DIR`, set ${ENV_DIR} to a folder holding them, "
                 f"or point ${ENV_MIRRORS} at a reachable mirror."
             )
     return folder

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from capsdist.core.shipped import data_tool
 from capsdist.data import recipe
 from capsdist.data.batch import Batch, DataError, to_batch
 
@@ -55,7 +56,7 @@ def read_manifest(urls: Sequence[str]) -> dict[str, Any] | None:
     if found not in KNOWN_FORMATS:
         raise DataError(
             f"{path} says the shards are in format {found!r}, but this capsdist reads only {KNOWN_FORMATS}. "
-            "Fix: rewrite the shards with this version's `python -m data_prep.multimnist --out DIR ...`, or use "
+            f"Fix: rewrite the shards with this version's `{data_tool('multimnist')} --out DIR ...`, or use "
             "the capsdist version that wrote them."
         )
     return manifest

@@ -20,6 +20,7 @@ from typing import Any
 
 import braceexpand
 
+from capsdist.core.shipped import data_tool
 from capsdist.data.batch import DataError
 
 SHARD_SUFFIXES = ("*.tar", "*.tar.gz", "*.tgz")  # what a directory of shards is globbed for
@@ -98,14 +99,14 @@ def expand_shards(spec: str | Sequence[str] | None, name: str = "train_shards/va
         else:
             raise DataError(
                 f"shard {url!r} (from {spec!r}) does not exist. Fix: point train_shards/val_shards at shards "
-                "written by `python -m data_prep.multimnist --out DIR` (a directory, a brace pattern such as "
+                f"written by `{data_tool('multimnist')} --out DIR` (a directory, a brace pattern such as "
                 "DIR/train-{000000..000059}.tar, a URL or a pipe: command)."
             )
     if not urls:
         where = "no shard setting was given" if spec is None else f"no shards in {spec!r}"
         raise DataError(
             f"{where}. Fix: set {name} (--data.{name}) to shard files, a directory of them or a "
-            "brace pattern; create them with `python -m data_prep.multimnist --split train --out DIR ...`."
+            f"brace pattern; create them with `{data_tool('multimnist')} --split train --out DIR ...`."
         )
     return urls
 

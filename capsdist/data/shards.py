@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from capsdist.core.shipped import data_tool
 from capsdist.data import recipe
 from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
 from capsdist.data.shard_format import MAX_MEMBER_BYTES, TooLarge, collate_inflated, inflate_sample, read_manifest
@@ -206,8 +207,8 @@ class _NoSampleWatch:
                 f"no valid sample in {len(self.failed)} shard reads in a row ({seconds:.0f} s) from "
                 f"{len(names)} shard(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; last reason: "
                 f"{self.skipped.last or 'the shard holds no samples'}. Fix: check that these are MultiMNIST shards "
-                "(`python -m data_prep.multimnist verify DIR`), readable and reachable, or rewrite them with "
-                "`python -m data_prep.multimnist --out DIR ...`."
+                f"(`{data_tool('multimnist')} verify DIR`), readable and reachable, or rewrite them with "
+                f"`{data_tool('multimnist')} --out DIR ...`."
             )
 
 
@@ -291,8 +292,8 @@ class ShardStream(IterableDataset):
         if tap.sha is not None and tap.sha.hexdigest() != entry["sha256"]:
             raise DataError(
                 f"{url} does not match the sha256 in its manifest.json (changed or rewritten after the manifest). "
-                "Fix: rewrite the shards with `python -m data_prep.multimnist --out DIR ...` (check them with "
-                "`python -m data_prep.multimnist verify DIR`), or pass --data.verify_shards false to skip the check."
+                f"Fix: rewrite the shards with `{data_tool('multimnist')} --out DIR ...` (check them with "
+                f"`{data_tool('multimnist')} verify DIR`), or pass --data.verify_shards false to skip the check."
             )
 
     def _decoded(self, sources: Iterator[dict[str, Any]]) -> Iterator[Any]:

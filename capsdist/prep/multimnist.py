@@ -37,6 +37,7 @@ import torch
 
 from capsdist.core.errors import prog, write_error
 from capsdist.core.files import atomic_write
+from capsdist.core.shipped import data_tool
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
@@ -125,7 +126,7 @@ def lock_folder(out: Path) -> Any:
     except (BlockingIOError, FileNotFoundError):
         handle.close()
         raise SystemExit(
-            f"error: another `python -m data_prep.multimnist` run is writing into {out} (it holds {out / LOCK}). "
+            f"error: another `{data_tool('multimnist')}` run is writing into {out} (it holds {out / LOCK}). "
             "Fix: wait for it to finish (a re-run then keeps its shards), or choose another --out."
         ) from None
     return handle
@@ -135,7 +136,7 @@ def verify(folder: str | os.PathLike) -> list[str]:
     """Problems of a shard folder against its manifest.json (missing, changed or unlisted shards); [] if none."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        return [f"{folder / MANIFEST} is missing: not a folder written by data_prep.multimnist"]
+        return [f"{folder / MANIFEST} is missing: not a folder written by {data_tool('multimnist')}"]
     manifest = json.loads((folder / MANIFEST).read_text())
     listed = {plan_name(e["name"]): e for e in manifest.get("shards", [])}
     problems = [f"{n}: missing" for n in listed if not (folder / n).is_file()]

@@ -133,6 +133,7 @@ def test_mnist_downloads_into_the_cache_or_fails_before_any_run_output(venv: Pat
     failed = run(fit, tmp_path / "offline", CAPSDIST_MNIST_MIRRORS="http://127.0.0.1:9/")
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "could not download" in failed.stderr and "CAPSDIST_MNIST_DIR" in failed.stderr
+    assert "`capsdist-mnist --dir" in failed.stderr and "data_prep" not in failed.stderr  # the wheel's command
     assert "Traceback" not in failed.stderr and not (tmp_path / "offline" / "runs").exists()
     fetched = run([str(venv / "capsdist-mnist")], tmp_path / "online", CAPSDIST_MNIST_MIRRORS=mirror)
     assert fetched.returncode == 0, fetched.stderr[-3000:]

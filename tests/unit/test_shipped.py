@@ -37,3 +37,11 @@ def test_pretrained_by_name_is_the_shipped_file(tmp_path: Path, monkeypatch: pyt
     named = CapsNet.from_pretrained("capsnet-mnist")
     assert not named.training and meta["test_accuracy"] == pytest.approx(0.996)
     assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_fix_messages_name_the_data_tools_as_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout's messages say `python -m data_prep.NAME`; a wheel (no data_prep beside the package) its console
+    scripts."""
+    assert shipped.data_tool("multimnist") == "python -m data_prep.multimnist"
+    monkeypatch.setattr(shipped, "PACKAGE", tmp_path / "site-packages" / "capsdist")
+    assert (shipped.data_tool("mnist"), shipped.data_tool("multimnist")) == ("capsdist-mnist", "capsdist-shards")
