@@ -1,7 +1,9 @@
 """`python -m capsdist.evaluate --ckpt PATH [--data.* ...]`: a checkpoint's metrics on a data source, as JSON.
 
 Data settings default to those the checkpoint was trained with (when its datamodule saved them) and take the
-same `--data.*` flags as the training CLI, so a MultiMNIST model can be scored on shards or on the fly.
+same `--data.*` flags as the training CLI, so a MultiMNIST model can be scored on shards or on the fly. The whole
+split is scored (MNIST's 10,000 test digits, the fixed stream of 10,000 test overlays, every validation shard),
+not the subset a run validated on, unless `--data.val_samples` / `--data.val_batches` say otherwise.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ def inference_parser(description: str) -> ArgumentParser:
 
 
 SHARD_SETTINGS = ("train_shards", "val_shards", "test_shards")
+# how much of the split a training run validated on: evaluate scores the whole split unless told otherwise
+SUBSET_SETTINGS = ("val_batches", "val_samples")
 
 
 def checkpoint_defaults(trained: Trained, known: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(usable, refused) data settings saved in a checkpoint: they are data, so a shard setting that names a
-    ``pipe:`` command or a URL once expanded (braces, ``::``) is refused (a planted one would otherwise run here)."""
+    """(usable, refused) data settings saved in a checkpoint, less the validation subset (SUBSET_SETTINGS): they are
+    data, so a shard setting that names a ``pipe:`` command or a URL once expanded (braces, ``::``) is refused (a
+    planted one would otherwise run here)."""
 
-    saved = {k: v for k, v in trained.data.items() if k in known}
+    saved = {k: v for k, v in trained.data.items() if k in known and k not in SUBSET_SETTINGS}
     refused = {}
     for key in set(SHARD_SETTINGS) & set(saved):
         try:

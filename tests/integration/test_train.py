@@ -137,6 +137,13 @@ def test_evaluate_prints_metrics_json(checkpoint):
     assert 0 <= result["acc"] <= 1 and result["error"] == pytest.approx(1 - result["acc"])
 
 
+def test_evaluate_scores_the_whole_split_not_the_runs_validation_subset(checkpoint):
+    """The run validated on 64 digits (val_samples saved in the checkpoint); evaluate scores all 10,000."""
+    done = run_module("capsdist.evaluate", "--ckpt", str(checkpoint), "--data.batch_size=1000")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["samples"] == 10000
+
+
 def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):
     done = run_module("capsdist.evaluate", "--ckpt", str(tmp_path / "nope.ckpt"))
     assert done.returncode == 2
