@@ -60,8 +60,12 @@ class BaseData(pl.LightningDataModule):
         if self.num_workers is None:  # 2, or the SLURM task's CPUs but the training one (up to 8); none in memory
             cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
             self.num_workers = 0 if self.in_memory else min(8, int(cpus) - 1) if cpus.isdigit() else 2
+
+    def setup(self, stage: str | None = None) -> None:
+        """Start the loader workers' fork server (capsdist.data.workers), so its imports overlap the rest of the
+        run's setup; building a module starts no process."""
         if self.num_workers > 0:
-            start_server()  # the workers' fork server imports while the run sets up (capsdist.data.workers)
+            start_server()
 
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) from the trainer, (0, 1) without one."""
@@ -113,6 +117,7 @@ class _MnistArrays(BaseData):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the train and test splits once (the train split capped to ``_train_cap`` images)."""
+        super().setup(stage)
         if getattr(self, "_splits", None):
             return
         folder = mnist.resolve_dir(self.mnist_dir)

@@ -151,3 +151,19 @@ def test_mnist_training_runs_without_wandb_or_webdataset(tmp_path: Path) -> None
     out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"global_step": 2' in out.stdout
+
+
+def test_building_a_data_module_starts_no_process() -> None:
+    """The workers' fork server and resource tracker start at setup (the loaders come next), not at construction:
+    checked in a fresh interpreter, where no earlier loader started them."""
+    code = (
+        "import os; from capsdist.data.modules import CapsDataModule\n"
+        "m = CapsDataModule(source='multimnist_shards', train_shards='unused', num_workers=2)\n"
+        "print(open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split())\n"
+        "m.setup('fit')\n"
+        "print(open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())  # fmt: skip
+    built, set_up = done.stdout.splitlines()
+    assert built == "[]" and set_up != "[]", done.stderr

@@ -43,3 +43,6 @@ def test_ranges_and_the_resume_rule_read_the_table() -> None:
     with pytest.raises(TypeError, match="does not read: train_shards"):
         SOURCES["mnist"](train_shards="x")
 
+
+
+
