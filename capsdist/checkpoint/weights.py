@@ -17,6 +17,7 @@ from capsdist.core.files import umask
 from capsdist.core.shipped import WEIGHTS
 
 CONFIG_KEY = "capsnet_config"
+FOLDER_WEIGHTS = "model.safetensors"  # the weights file in a folder written by CapsNet.save_pretrained
 METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string")}  # metadata loading uses
 STORE_DTYPE = torch.float16
 

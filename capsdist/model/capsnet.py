@@ -7,6 +7,8 @@ The paper's MNIST model is `CapsNet()`: 8,215,568 parameters, 6,804,224 without 
 from __future__ import annotations
 
 import inspect
+import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -14,7 +16,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from capsdist.checkpoint.weights import CONFIG_KEY, bad_file, read_header, read_tensors
+from capsdist.checkpoint.card import write_card
+from capsdist.checkpoint.model_state import ModelState, read_model_state
+from capsdist.checkpoint.weights import CONFIG_KEY, FOLDER_WEIGHTS, bad_file, read_header, read_tensors, write_weights
 from capsdist.core.errors import CapsdistError
 from capsdist.core.rules import ConfigError, check
 from capsdist.core.shipped import weights_path
@@ -198,7 +202,9 @@ class CapsNet(nn.Module):
                 a std from each layer's shape so every routed layer starts where squash passes gradient
                 (capsdist.model.scaled_std; needed for stacks of routed layers behind thousands of primaries).
         """
+        args = locals()
         super().__init__()
+        self.config = plain_config({name: args[name] for name in MODEL_ARGS})  # what save_pretrained writes
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
         if layers[-1][0] != num_classes:
             raise ValueError(
@@ -223,10 +229,46 @@ class CapsNet(nn.Module):
         self.decoder = Decoder(num_classes, out_dim, decoder_hidden, shape) if reconstruction else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "capsnet-mnist", device: str | torch.device = "cpu") -> CapsNet:
-        """A float32 CapsNet in eval mode from shipped weights ("capsnet-mnist", 99.60% on MNIST's test digits) or
-        a .safetensors file written by `capsdist.pretrained export`; its architecture comes from the file."""
-        return load_weights(name_or_path, device)[0]
+    def from_pretrained(cls, name_or_path: str | Path = "capsnet-mnist", device: str | torch.device = "cpu") -> CapsNet:
+        """A float32 CapsNet in eval mode, its architecture read from the file, from any of: shipped weights by name
+        ("capsnet-mnist", 99.60% on MNIST's test digits); a .safetensors file (`capsdist-pretrained export`) or a
+        folder written by `save_pretrained`; a training checkpoint, a single .ckpt file or capsdist's sharded .ckpt
+        directory. Files are read safely (safetensors, or torch.load with weights_only): nothing in them runs."""
+        path = weights_path(name_or_path)
+        if (path / FOLDER_WEIGHTS).is_file():
+            path = path / FOLDER_WEIGHTS
+        if not path.exists():
+            raise CapsdistError(
+                f"no model at {path}. Fix: pass the name of shipped weights (capsnet-mnist), a .safetensors file, a "
+                "folder written by CapsNet.save_pretrained, or a training checkpoint (a .ckpt file, or the .ckpt "
+                "directory of a sharded one)."
+            )
+        if path.is_dir() or zipfile.is_zipfile(path):  # torch.save's format: a training checkpoint
+            return load_checkpoint(path, device)[0]
+        return load_weights(path, device)[0]
+
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        metadata: Mapping[str, Any] | None = None,
+        datasets: Sequence[str] = (),
+        license: str = "mit",
+    ) -> Path:
+        """Write this model into ``folder`` as `from_pretrained` reads it back: ``model.safetensors`` (the weights in
+        fp16 with this model's ``CapsNet(**config)`` arguments, the format of the shipped weights) and a README.md
+        model card with Hugging Face-style front matter (``library_name: capsdist``, ``license``, tags, ``datasets``
+        such as ["mnist"], the metrics found in ``metadata``). ``metadata`` (JSON values, e.g. {"test_accuracy":
+        0.99}) is stored in the file and listed on the card. Returns the weights file's path."""
+        folder = Path(folder)
+        if folder.suffix == ".safetensors":
+            raise CapsdistError(
+                f"save_pretrained writes a folder (the weights and a model card), and {folder} names a file. Fix: "
+                f"pass a folder, e.g. {folder.with_suffix('')}; from_pretrained takes that folder back."
+            )
+        metadata = dict(metadata or {})
+        weights = write_weights(self.state_dict(), self.config, folder / FOLDER_WEIGHTS, metadata)
+        write_card(folder, self.config, metadata, sum(p.numel() for p in self.parameters()), datasets, license)
+        return weights
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, k: int = 1) -> CapsOutput:
         """Class capsules for images x [B, C, H, W]; reconstructions masked by `labels` [B, K] when given
@@ -243,6 +285,11 @@ class CapsNet(nn.Module):
 
 
 MODEL_ARGS = tuple(inspect.signature(CapsNet).parameters)
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """CapsNet arguments as plain JSON values (tuples as lists), as weights files store them."""
+    return json.loads(json.dumps(dict(config), default=list))
 
 
 class ForgedSettings(CapsdistError):
@@ -295,3 +342,18 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except RuntimeError as err:
         raise bad_file(path, f"weights do not fit its {CONFIG_KEY}: {str(err)[:160]}") from err
     return model.to(device).eval(), meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, ModelState]:
+    """A float32 `CapsNet` in eval mode from a training checkpoint (a .ckpt file or a sharded .ckpt directory), and
+    what the checkpoint holds of it; the settings are checked and sized by its tensors before anything is built."""
+    state = read_model_state(path)
+    try:
+        model = build_model(state.hparams, {k: v.shape for k, v in state.weights.items()})
+    except ForgedSettings as err:
+        raise CapsdistError(
+            f"{path} is refused: it {err}. Fix: pass a checkpoint written by `python -m capsdist.train fit` or by a "
+            "Trainer fitting a CapsNetModule; this one is damaged or forged."
+        ) from None
+    model.load_state_dict(state.weights)
+    return model.eval().to(device), state

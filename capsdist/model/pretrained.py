@@ -10,14 +10,13 @@ from typing import Any
 from capsdist.checkpoint.weights import CONFIG_KEY, read_header, read_tensors, write_weights
 from capsdist.core.errors import CapsdistError
 from capsdist.core.shipped import weights_path
-from capsdist.model.capsnet import MODEL_ARGS, CapsNet, load_weights
+from capsdist.model.capsnet import MODEL_ARGS, CapsNet, load_weights, plain_config
 from capsdist.model.trained import Trained
 
 
 def model_config(hparams: dict[str, Any]) -> dict[str, Any]:
     """The `CapsNet(**kwargs)` arguments among a module's saved hyperparameters, as plain JSON values."""
-    config = {k: v for k, v in hparams.items() if k in MODEL_ARGS}
-    return json.loads(json.dumps(config, default=list))
+    return plain_config({k: v for k, v in hparams.items() if k in MODEL_ARGS})
 
 
 def save_weights(model: CapsNet, config: dict[str, Any], path: str | Path, metadata: dict[str, Any]) -> Path:

@@ -8,10 +8,7 @@ from typing import Any
 
 import torch
 
-from capsdist.checkpoint.sharded import read_full
-from capsdist.checkpoint.single import read_weights_only, unreadable
-from capsdist.core.errors import CapsdistError
-from capsdist.model.capsnet import CapsNet, ForgedSettings, build_model
+from capsdist.model.capsnet import CapsNet, load_checkpoint
 
 
 @dataclass
@@ -37,24 +34,5 @@ class Trained:
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
     """Load a capsdist checkpoint safely (``weights_only=True``, settings checked before any model is built) into a
     plain CapsNet in eval mode."""
-    path = Path(path)
-    if not path.exists():
-        raise CapsdistError(f"no checkpoint at {path}. Fix: pass a .ckpt that training wrote (runs/NAME/checkpoints/).")
-    checkpoint = read_full(path) if path.is_dir() else read_weights_only(path)  # a sharded one: a directory
-    try:
-        hparams, data = dict(checkpoint["hyper_parameters"]), dict(checkpoint.get("datamodule_hyper_parameters", {}))
-        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        step = checkpoint.get("global_step", 0)
-        if not (type(step) is int and all(isinstance(v, torch.Tensor) for v in weights.values())):
-            raise TypeError("global_step or state_dict of the wrong type")
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise unreadable(path, err) from None
-    try:
-        model = build_model(hparams, {k: v.shape for k, v in weights.items()})
-    except ForgedSettings as err:
-        raise CapsdistError(
-            f"{path} is refused: it {err}. Fix: pass a checkpoint written by `python -m capsdist.train fit`; this "
-            "one is damaged or forged."
-        ) from None
-    model.load_state_dict(weights)
-    return Trained(model.eval().to(device), hparams, data, step)
+    model, state = load_checkpoint(path, device)
+    return Trained(model, state.hparams, state.data, state.global_step)
