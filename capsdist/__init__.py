@@ -1,13 +1,46 @@
-"""capsdist: distributed training of capsule networks (Sabour, Frosst & Hinton 2017)."""
+"""capsdist: distributed training of capsule networks (Sabour, Frosst & Hinton 2017).
+
+The public API (docs/api.md): ``from capsdist import CapsNet, CapsNetModule, MnistData, ...``. The names resolve on
+first use (PEP 562), so ``import capsdist`` stays cheap and imports neither torch nor Lightning: the training CLI
+installs its signal handlers below before those seconds of imports, and the model names never load Lightning.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 from capsdist.core.errors import CapsdistError
 
 __version__ = "0.1.0"
-__all__ = ["CapsdistError", "__version__"]
+_EXPORTS = {  # name -> the module that defines it
+    "CapsNet": "capsdist.model.capsnet",  # the model, pure torch
+    "CapsLayer": "capsdist.model.capsnet",
+    "CapsOutput": "capsdist.model.capsnet",
+    "dynamic_routing": "capsdist.model.routing",
+    "squash": "capsdist.model.routing",
+    "load_trained": "capsdist.model.trained",  # a checkpoint's model with its training and data settings
+    "Trained": "capsdist.model.trained",
+    "CapsNetModule": "capsdist.training.module",  # the pytorch_lightning LightningModule
+    "CapsDataModule": "capsdist.data.modules",  # the LightningDataModules
+    "MnistData": "capsdist.data.modules",
+    "OnTheFlyData": "capsdist.data.modules",
+    "ShardData": "capsdist.data.modules",
+}
+__all__ = ["CapsdistError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines the public ``name`` on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'capsdist' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    """The module's names with the lazily imported public ones (tab completion, ``dir(capsdist)``)."""
+    return sorted({*globals(), *__all__})
 
 
 def _is_training_cli() -> bool:
