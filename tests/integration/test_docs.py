@@ -1,5 +1,5 @@
-"""Documented entry points cannot rot: every config in configs/ and every `python -m` command in README.md and
-docs/*.md runs; the site builds with `mkdocs build --strict`; README stays short."""
+"""Documented entry points cannot rot: every config in configs/, every `python -m` command and every ```python
+example in README.md and docs/*.md runs; the site builds with `mkdocs build --strict`; README stays short."""
 
 from __future__ import annotations
 
@@ -108,6 +108,23 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+PYTHON_PAGES = [page for page in DOCS if "```python" in page.read_text()]
+ONNX = ("onnx", "onnxscript")  # what an example's torch.onnx.export(dynamo=True) needs (the export extra)
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda page: page.name)
+def test_python_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ```python block of a page runs as written: in order, in one namespace (a later example goes on from an
+    earlier one's objects), in a temporary folder."""
+    text = page.read_text()
+    if "torch.onnx.export" in text and not all(importlib.util.find_spec(name) for name in ONNX):
+        pytest.skip(f"{page.name} exports to ONNX: pip install -e '.[test]' (the export extra: onnx, onnxscript)")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", text, re.S), 1):
+        exec(compile(block, f"{page.name}, python block {i}", "exec"), namespace)
 
 
 @pytest.fixture(scope="module")
