@@ -204,7 +204,7 @@ class CapsNet(nn.Module):
         """
         args = locals()
         super().__init__()
-        self.config = plain_config({name: args[name] for name in MODEL_ARGS})  # what save_pretrained writes
+        self.config = {name: args[name] for name in MODEL_ARGS}  # the arguments as given; save_pretrained writes them
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
         if layers[-1][0] != num_classes:
             raise ValueError(
@@ -265,9 +265,9 @@ class CapsNet(nn.Module):
                 f"save_pretrained writes a folder (the weights and a model card), and {folder} names a file. Fix: "
                 f"pass a folder, e.g. {folder.with_suffix('')}; from_pretrained takes that folder back."
             )
-        metadata = dict(metadata or {})
-        weights = write_weights(self.state_dict(), self.config, folder / FOLDER_WEIGHTS, metadata)
-        write_card(folder, self.config, metadata, sum(p.numel() for p in self.parameters()), datasets, license)
+        config, metadata = plain_config(self.config), dict(metadata or {})
+        weights = write_weights(self.state_dict(), config, folder / FOLDER_WEIGHTS, metadata)
+        write_card(folder, config, metadata, sum(p.numel() for p in self.parameters()), datasets, license)
         return weights
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, k: int = 1) -> CapsOutput:
