@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from capsdist.checkpoint.sharded import read_full, read_meta
 from capsdist.compat.lightning import loops_state, stops_mid_epoch
 from capsdist.core.errors import CapsdistError
-from capsdist.core.files import atomic_save
+from capsdist.core.files import atomic_save, atomic_write
 from capsdist.data.loader import ResumableLoader, check_state
 from capsdist.data.settings import FREE_ON_RESUME
 from capsdist.model.capsnet import MODEL_ARGS
@@ -172,11 +172,7 @@ def claim(root: str | Path) -> None:
     """Record this launch as the run folder's owner, so that its restarts resume by themselves."""
     job = launch_id()
     if job:
-        marker = Path(root) / JOB_FILE
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{JOB_FILE}.{os.getpid()}")
-        tmp.write_text(job + "\n")
-        os.replace(tmp, marker)
+        atomic_write(Path(root) / JOB_FILE, lambda f: f.write(f"{job}\n".encode()))
 
 
 def plan(ckpt_path: str | None, root: str | Path) -> tuple[str | None, str]:
