@@ -11,6 +11,7 @@ import torch
 import yaml
 from jsonargparse import set_loader
 
+from capsdist.checkpoint.sharded import read_meta
 from capsdist.checkpoint.single import read_weights_only
 from capsdist.compat.jsonargparse import get_yaml_default_loader, yaml_load
 from capsdist.core.rules import ConfigError, check, integer
@@ -39,7 +40,9 @@ def check_run(config: Mapping[str, Any]) -> None:
             f"--ckpt_path {ckpt}: no such file. Fix: pass a .ckpt that training wrote "
             "(runs/NAME/checkpoints/), `last` or `best`, or leave it out to start a fresh run."
         )
-    if not special and Path(ckpt).is_file():
+    if not special and Path(ckpt).is_dir():
+        read_meta(ckpt)  # a sharded checkpoint: the whole directory checked before anything is written
+    elif not special and Path(ckpt).is_file():
         missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in read_weights_only(ckpt)]
         if missing:
             raise ConfigError(

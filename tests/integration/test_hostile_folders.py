@@ -5,11 +5,20 @@ writes anything. Every command runs in this process (refusals come before any tr
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
+import signal
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from capsdist.checkpoint import __main__ as convert
+from capsdist.checkpoint import sharded
+from capsdist.tools import evaluate
 from capsdist.training import cli as train
 from tests.conftest import TINY
 
@@ -69,3 +78,98 @@ def test_a_fifo_in_the_run_folder_is_refused(tmp_path: Path, capsys) -> None:
     os.mkfifo(run / "config.yaml")
     error = refused(["fit", *RUN, f"--trainer.default_root_dir={run}"], capsys)
     assert "holds config.yaml, a FIFO" in error and os.listdir(run) == ["config.yaml"]
+
+
+# ------------------------------------------------- item 2: sharded checkpoints read only their own regular files
+
+
+class _Touch:
+    """Unpickled, runs ``touch path``: what a weights_only=False load of a planted meta.pt would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.path}",))
+
+
+def _sparse(folder: Path, outside: Path) -> str:
+    """A data file grown to 1 GiB by a hole (a few KB on disk) and metadata declaring a 1 GiB tensor in it."""
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # the test's own file: plain pickle is fine
+    entry = metadata.state_dict_metadata["state_dict/w"]
+    entry.size, entry.chunks[0].sizes = torch.Size([1 << 28]), torch.Size([1 << 28])
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], offset=0, length=1 << 30)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    os.truncate(folder / "__0_0.distcp", 1 << 30)
+    return "declares 1,073,741,824 bytes of tensors in"
+
+
+def _linked(folder: Path, outside: Path) -> str:
+    (folder / "__0_0.distcp").rename(outside)
+    (folder / "__0_0.distcp").symlink_to(outside)
+    return f"it holds __0_0.distcp, a symbolic link to {outside}"
+
+
+def _fifo(folder: Path, outside: Path) -> str:
+    (folder / ".metadata").unlink()
+    os.mkfifo(folder / ".metadata")
+    return "it holds .metadata, a FIFO"
+
+
+def _pickled_meta(folder: Path, outside: Path) -> str:
+    torch.save({"global_step": 3, "hyper_parameters": _Touch(outside.with_name("MARKER"))}, folder / "meta.pt")
+    return "holds the Python object posix.system, which a safe (weights_only) load refuses"
+
+
+def _huge_item(folder: Path, outside: Path) -> str:
+    (folder / ".metadata").write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 60) + b"ab.")  # 14 bytes, 2^60 declared
+    return "its DCP metadata is not a whole pickle (expected 1152921504606846976 bytes in a bytes8"
+
+
+def _unknown(folder: Path, outside: Path) -> str:
+    (folder / "notes.txt").write_text("not a checkpoint file\n")
+    return "it holds the file 'notes.txt'"
+
+
+MALFORMED = {"symlinked .distcp": _linked, "FIFO .metadata": _fifo, "sparse data file": _sparse,
+             "pickle in meta.pt": _pickled_meta, "2^60-byte item": _huge_item, "unknown file": _unknown}  # fmt: skip
+
+
+@pytest.fixture
+def deadline() -> Iterator[None]:
+    """Fail a command that blocks (a FIFO read) after 30 s instead of hanging the suite."""
+
+    def expired(*_: object) -> None:
+        raise TimeoutError("the command blocked for 30 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.usefixtures("deadline")
+@pytest.mark.parametrize("command", ["convert", "evaluate", "fit --ckpt_path"])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_sharded_checkpoint_is_refused(case: str, command: str, tmp_path: Path, capsys) -> None:
+    """Each malformed NAME.ckpt/ directory: exit 2 with one paragraph naming what is wrong, nothing run, nothing
+    written (`fit` leaves no run folder), nothing outside read; at once (main: the link was read and exit 0, the
+    FIFO hung, the sparse file allocated 1 GiB, the pickle and the 2^60 bytes were tracebacks)."""
+    folder, outside, out, run = (tmp_path / name for name in ("last.ckpt", "outside.bin", "out.ckpt", "run"))
+    sharded.save({"state_dict": {"w": torch.ones(64, 64)}, "global_step": 3, "pytorch-lightning_version": "2.6.6"},
+                 folder, {})  # fmt: skip
+    phrase = MALFORMED[case](folder, outside)
+    with pytest.raises(SystemExit) as stop:
+        if command == "convert":
+            convert.main(["convert", str(folder), str(out)])
+        elif command == "evaluate":
+            evaluate.main(["--ckpt", str(folder), "--device", "cpu"])
+        else:
+            train.main(["fit", *RUN, f"--ckpt_path={folder}", f"--trainer.default_root_dir={run}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.count("capsdist: error:") == 1 and phrase in err and "nothing in it was run" in err, err[-3000:]
+    assert not out.exists() and not run.exists() and not (tmp_path / "MARKER").exists()
+
