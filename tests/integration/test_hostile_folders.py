@@ -6,15 +6,18 @@ writes anything. Every command runs in this process (refusals come before any tr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import signal
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from capsdist.checkpoint import __main__ as convert
 from capsdist.checkpoint import sharded
@@ -173,3 +176,68 @@ def test_a_malformed_sharded_checkpoint_is_refused(case: str, command: str, tmp_
     assert err.count("capsdist: error:") == 1 and phrase in err and "nothing in it was run" in err, err[-3000:]
     assert not out.exists() and not run.exists() and not (tmp_path / "MARKER").exists()
 
+
+# ------------------------------------------------------- item 8: a config imports nothing outside the trusted code
+
+CODE = {  # a config -> the code it names and where
+    "callbacks class_path": ({"trainer": {"callbacks": [{"class_path": "planted_code.Callback"}]}},
+                             "planted_code.Callback", "trainer.callbacks[0].class_path"),
+    "nested init_args": ({"trainer": {"strategy": {"class_path": "pytorch_lightning.strategies.DDPStrategy",
+                                                   "init_args": {"cluster_environment": {"class_path": "os.system"}}}}},
+                         "os.system", "trainer.strategy.init_args.cluster_environment.class_path"),
+    "loggers short form": ({"trainer": {"logger": ["planted_code.Logger"]}}, "planted_code.Logger",
+                           "trainer.logger[0]"),
+    "nested config file": ({"trainer": "sub.yaml"}, "planted_code.Callback", "callbacks[0].class_path"),
+}  # fmt: skip
+
+
+PLANTED = "from pytorch_lightning.callbacks import Callback\nfrom pytorch_lightning.loggers import CSVLogger as Logger"
+
+
+@pytest.fixture
+def planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An importable module ``planted_code`` (a callback and a logger) whose import creates the file MARKER
+    (returned, not yet there)."""
+    marker = tmp_path / "MARKER"
+    (tmp_path / "planted_code.py").write_text(f"open({str(marker)!r}, 'w').close()\n{PLANTED}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "planted_code", raising=False)
+    monkeypatch.delenv("CAPSDIST_CONFIG_MODULES")  # the suite's own callbacks are not needed here
+    return marker
+
+
+@pytest.mark.parametrize("case", CODE)
+def test_a_config_naming_other_code_is_refused_before_importing_it(case: str, planted: Path, tmp_path: Path,
+                                                                   capsys) -> None:  # fmt: skip
+    """class_path anywhere, the short form, a nested config file: exit 2 naming the code and the opt-in, before the
+    import (main: LightningCLI imported planted_code, which ran)."""
+    config, name, where = CODE[case]
+    (tmp_path / "sub.yaml").write_text(yaml.safe_dump(CODE["callbacks class_path"][0]["trainer"]))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    error = refused(["fit", "--config", str(tmp_path / "config.yaml"), *RUN, f"--trainer.default_root_dir={run}"],
+                    capsys)  # fmt: skip
+    assert f"the config names the code {name!r} ({where})" in error, error
+    assert f"export CAPSDIST_CONFIG_MODULES={name.split('.')[0]}" in error
+    assert not planted.exists() and not run.exists()
+
+
+def test_the_opt_in_imports_the_named_package(planted: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """CAPSDIST_CONFIG_MODULES=planted_code: the user's own code is imported as asked (--print_config parses only)."""
+    monkeypatch.setenv("CAPSDIST_CONFIG_MODULES", "planted_code")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(CODE["callbacks class_path"][0]))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["fit", "--config", str(tmp_path / "config.yaml"), "--print_config"])
+    assert stop.value.code == 0 and "class_path: planted_code.Callback" in capsys.readouterr().out
+    assert planted.exists()
+
+
+def test_a_runs_own_config_is_reusable(tmp_path: Path, capsys) -> None:
+    """The config.yaml a fit wrote, passed back with --config to continue the run (what capsdist's resume messages
+    suggest): accepted, and the run continues."""
+    run, guard = tmp_path / "run", "capsdist.training.guards.NonFiniteGuard"
+    train.main(["fit", *RUN, "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={run}",
+                f"--trainer.callbacks+={guard}"])  # fmt: skip
+    assert f"class_path: {guard}" in (run / "config.yaml").read_text()
+    train.main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path=last", "--trainer.max_steps=2"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["global_step"] == 2
