@@ -49,6 +49,11 @@ def is_sharded(path: str | Path) -> bool:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """meta.pt of a sharded checkpoint: Lightning's checkpoint dict without the tensors of model and optimizer,
     once the whole directory passed SafeReader's checks (a damaged or planted one is refused before any use)."""
+    if not is_sharded(path):
+        raise ShardedCheckpointError(
+            f"{path} is not a sharded checkpoint (no {META}); it was probably cut short during its save. Fix: pass a "
+            "NAME.ckpt directory that training wrote completely (a .NAME.ckpt.tmp one is an unfinished save)."
+        )
     SafeReader(str(path)).read_metadata()
     with open(Path(path) / META, "rb", opener=no_follow_opener) as handle:
         return read_weights_only(handle)
@@ -183,11 +188,6 @@ def load(path: str | Path, targets: dict[str, torch.Tensor], splits: dict[str, R
 
 def read_full(path: str | Path) -> dict[str, Any]:
     """The whole checkpoint as Lightning's single-file dict, read in one process (no process group needed)."""
-    if not is_sharded(path):
-        raise ShardedCheckpointError(
-            f"{path} is not a sharded checkpoint (no {META}); it was probably cut short during its save. Fix: pass a "
-            "NAME.ckpt directory that training wrote completely (a .NAME.ckpt.tmp one is an unfinished save)."
-        )
     meta = read_meta(path)  # first: the whole directory checked
     metadata = SafeReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items() if hasattr(md, "size")}
