@@ -15,6 +15,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# the suite's own callbacks (tests.faults, tests.scale_probe) in --config files, here and in every subprocess
+os.environ.setdefault("CAPSDIST_CONFIG_MODULES", "tests")
 SHIPPED = REPO / "data" / "mnist"
 
 # A tiny CapsNet for the training CLI, as flags ...

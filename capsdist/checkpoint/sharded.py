@@ -6,8 +6,10 @@ Layout (docs: README "Training large capsule models"): DCP files for the flat ke
 `capsdist.checkpoint.rows.RowSplit`) so DCP re-slices them for any other number of ranks, replicated ones written
 once; and ``meta.pt``, the rest of Lightning's checkpoint dict (global_step, loops, callbacks, hyper-parameters,
 optimizer param_groups, loader state), ``weights_only``-loadable. It is written into a temp directory beside the
-target, meta.pt last, and renamed into place. ``python -m capsdist.checkpoint convert DIR OUT.ckpt`` turns
-it into a single-file checkpoint (one process, the whole model in memory).
+target, meta.pt last, and renamed into place; the checkpoint it replaces stays findable as ``.NAME.ckpt.old``
+until then (capsdist.training.resume looks for it). ``python -m capsdist.checkpoint convert DIR OUT.ckpt`` turns
+it into a single-file checkpoint (one process, the whole model in memory). Every read checks the whole directory
+first (capsdist.checkpoint.dcp_reader).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from capsdist.checkpoint.dcp_reader import SafeReader
+from capsdist.checkpoint.dcp_reader import META, SafeReader
 from capsdist.checkpoint.rows import RowSplit
+from capsdist.checkpoint.single import read_weights_only
 from capsdist.compat.dcp import row_block_tensor
 from capsdist.core.errors import CapsdistError
+from capsdist.core.files import no_follow_opener
 
-META = "meta.pt"
+OLD = ".{}.old"  # the checkpoint a save replaces, kept beside it until the new one is in place
 TENSOR_KEYS = ("state_dict", "optimizer_states")
 
 
@@ -38,13 +42,21 @@ class ShardedCheckpointError(CapsdistError):
 
 
 def is_sharded(path: str | Path) -> bool:
-    """Whether ``path`` is a sharded checkpoint directory (one with meta.pt)."""
-    return (Path(path) / META).is_file()
+    """Whether ``path`` is a sharded checkpoint directory (one with meta.pt, whatever it is: reading checks it)."""
+    return Path(path).is_dir() and os.path.lexists(Path(path) / META)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """meta.pt of a sharded checkpoint: Lightning's checkpoint dict without the tensors of model and optimizer."""
-    return torch.load(Path(path) / META, map_location="cpu", weights_only=True)
+    """meta.pt of a sharded checkpoint: Lightning's checkpoint dict without the tensors of model and optimizer,
+    once the whole directory passed SafeReader's checks (a damaged or planted one is refused before any use)."""
+    if not is_sharded(path):
+        raise ShardedCheckpointError(
+            f"{path} is not a sharded checkpoint (no {META}); it was probably cut short during its save. Fix: pass a "
+            "NAME.ckpt directory that training wrote completely (a .NAME.ckpt.tmp one is an unfinished save)."
+        )
+    SafeReader(str(path)).read_metadata()
+    with open(Path(path) / META, "rb", opener=no_follow_opener) as handle:
+        return read_weights_only(handle)
 
 
 def saved_shapes(path: str | Path) -> dict[str, torch.Size]:
@@ -133,16 +145,24 @@ def save(checkpoint: dict[str, Any], path: str | Path, splits: dict[str, RowSpli
     _barrier()
 
 
+def _remove(path: Path) -> None:
+    """Remove a checkpoint file or directory, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _replace(tmp: Path, path: Path) -> None:
-    """Rename the finished ``tmp`` directory to ``path``, moving an older checkpoint (file or directory) aside."""
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    """Rename the finished ``tmp`` directory to ``path``, moving an older checkpoint (file or directory) aside as
+    ``.NAME.old`` first: a kill between the two renames leaves it there, where a resume finds it. A ``.NAME.old``
+    left by such a kill while ``path`` is missing is the only copy, kept until the new one is in place."""
+    old = path.with_name(OLD.format(path.name))
+    if os.path.lexists(path):
+        _remove(old)
         os.replace(path, old)
     os.replace(tmp, path)
-    if old.is_dir():
-        shutil.rmtree(old)
-    old.unlink(missing_ok=True)
+    _remove(old)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -168,13 +188,9 @@ def load(path: str | Path, targets: dict[str, torch.Tensor], splits: dict[str, R
 
 def read_full(path: str | Path) -> dict[str, Any]:
     """The whole checkpoint as Lightning's single-file dict, read in one process (no process group needed)."""
-    if not is_sharded(path):
-        raise ShardedCheckpointError(
-            f"{path} is not a sharded checkpoint (no {META}); it was probably cut short during its save. Fix: pass a "
-            "NAME.ckpt directory that training wrote completely (a .NAME.ckpt.tmp one is an unfinished save)."
-        )
+    meta = read_meta(path)  # first: the whole directory checked
     metadata = SafeReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items() if hasattr(md, "size")}
     with _quiet():
         dcp.load(tensors, storage_reader=SafeReader(str(path)), no_dist=True)
-    return unflatten(tensors, read_meta(path))
+    return unflatten(tensors, meta)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from capsdist.core.errors import CapsdistError
 
 
-def read_weights_only(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file loaded memory-mapped with ``weights_only``; a file that this refuses (Python objects: maybe
-    unsafe) or that is damaged is a one-paragraph error."""
+def read_weights_only(source: str | Path | BinaryIO) -> dict[str, Any]:
+    """A checkpoint file (a path: memory-mapped; or an open file) loaded with ``weights_only``; a file that this
+    refuses (Python objects: maybe unsafe) or that is damaged is a one-paragraph error."""
+    by_name = isinstance(source, str | Path)
+    path = source if by_name else source.name
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=by_name)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise unreadable(path, err) from None

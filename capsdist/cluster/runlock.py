@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from capsdist.core.errors import CapsdistError
+from capsdist.core.files import no_follow_opener
 
 LOCK_FILE = ".fit.lock"
 _HELD: list[RunLock] = []  # the locks this process holds (their descriptors are closed in forked children)
@@ -44,11 +45,12 @@ class RunLock:
         self.created: list[Path] = []  # what acquire created, for discard()
 
     def acquire(self) -> RunLock:
-        """Take the lock or raise RunFolderLocked naming the PID that holds it; never waits."""
+        """Take the lock or raise RunFolderLocked naming the PID that holds it; never waits. A link (or FIFO) at the
+        lock's name is refused, never opened: the PID would truncate its target."""
         missing = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
         self.root.mkdir(parents=True, exist_ok=True)
-        self.created = ([] if self.path.exists() else [self.path]) + missing
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self.created = ([] if os.path.lexists(self.path) else [self.path]) + missing
+        fd = no_follow_opener(str(self.path), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

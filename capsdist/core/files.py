@@ -1,5 +1,8 @@
 """The one atomic writer: every file capsdist creates (checkpoints, shards, downloads, weights) is either absent or
-complete, gets the mode a plain ``open()`` would give it, and survives a crash of the node once written.
+complete, gets the mode a plain ``open()`` would give it, and survives a crash of the node once written. And no file
+is written or read through a symbolic link planted where capsdist keeps its own files (a shared run folder, a
+sharded checkpoint directory): :func:`no_follow_opener` for files opened in place, :func:`refuse_links` for a folder
+before a run writes into it (the atomic writer's rename replaces a link at the final name, never its target).
 
 ``tempfile.mkstemp`` creates 0600 files and a rename keeps that mode, so shards and downloads were unreadable to
 teammates on a shared filesystem whatever their umask; files here get ``0666 & ~umask``, like ``open()``'s. The
@@ -10,12 +13,15 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from capsdist.core.errors import CapsdistError
 
 
 def umask() -> int:
@@ -72,3 +78,69 @@ def _disk_full(err: BaseException | None) -> OSError | None:
             found = err if found is None or err.filename else found
         err = err.__cause__ or err.__context__
     return found
+
+
+class LinkedPathError(CapsdistError):
+    """A symbolic link or special file (FIFO, device, socket) where capsdist writes or reads a file of its own."""
+
+
+def describe(path: Path) -> str:
+    """What a non-regular ``path`` is, from lstat: "a symbolic link to TARGET", "a FIFO", ..."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def not_regular(path: Path) -> LinkedPathError:
+    """The refusal of a link or special file found where capsdist opens one of its own files."""
+    return LinkedPathError(
+        f"{path} is {describe(path)}, and capsdist opens its own files only as regular files, never through a link "
+        "(a link planted in a shared folder would make it overwrite or read a file elsewhere) or a FIFO/device "
+        f"(it would block or read without end); nothing was written through it. Fix: remove it (`rm {path}`; a "
+        "link's target is untouched) and rerun."
+    )
+
+
+def no_follow_opener(path: str, flags: int) -> int:
+    """For ``open(path, mode, opener=no_follow_opener)``: opens ``path`` only if it is a regular file (or creates
+    one), never following a symbolic link at it (O_NOFOLLOW) nor blocking on a FIFO; else LinkedPathError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as err:  # ELOOP: a link; ENXIO: a FIFO without a reader (opened to write); EISDIR: a folder
+        if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        raise not_regular(Path(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opened to read, a device
+        os.close(fd)
+        raise not_regular(Path(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def refuse_links(root: Path, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a run folder (before a run writes into it) that holds a symbolic link or special file at
+    any depth, but those matching an ``allowed`` pattern (relative paths, ``*`` within one name): capsdist would
+    write through a link to a file or folder outside (``mkdir``, ``open``) and block on a FIFO."""
+    for folder, dirs, files in os.walk(root):  # links to folders are listed in dirs, never entered
+        for name in [*dirs, *files]:
+            path = Path(folder, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:  # removed while walking
+                continue
+            relative = path.relative_to(root)
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                continue
+            if stat.S_ISLNK(mode) and any(len(relative.parts) == p.count("/") + 1 and relative.match(p)
+                                          for p in allowed):  # fmt: skip
+                continue
+            raise LinkedPathError(
+                f"the run folder {root} holds {relative}, {describe(path)}; capsdist writes its files there (the "
+                "lock, config.yaml, logs, checkpoints, predictions, figures, the W&B run id) and never through a link "
+                "or into a FIFO or device, as a link planted in a shared run folder would make the run overwrite a "
+                f"file outside it. Nothing was written. Fix: remove it (`rm {path}`; a link's target is untouched) "
+                "and rerun."
+            )

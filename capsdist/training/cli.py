@@ -44,9 +44,11 @@ from capsdist.training.run import (
     PredictionWriter,
     WallClock,
     best_checkpoint,
+    check_run_folder,
     finish_wandb,
     open_wandb_run,
     run_checkpoints,
+    run_folder,
     run_loggers,
 )
 from capsdist.training.stop import GracefulStop, fit_summary
@@ -122,14 +124,16 @@ class CapsCLI(PrivateOverrides):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); turn
-        `--ckpt_path best` into the run's best file (Lightning knows none in a new process); refuse --optimizer."""
+        """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); refuse
+        a run folder holding links before anything is written; turn `--ckpt_path best` into the run's best file
+        (Lightning knows none in a new process); refuse --optimizer."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
+        root = run_folder(self._get(config or {}, "trainer", default={}))
+        check_run_folder(root)
         check_run(config or {})
         if config is not None and config.get("ckpt_path") == "best":
-            root = Path(self._get(config, "trainer", default={}).get("default_root_dir") or "runs/default")
             config["ckpt_path"] = str(best_checkpoint(root / "checkpoints"))
         if config is not None and (config.get("optimizer") is not None or config.get("lr_scheduler") is not None):
             raise OptimizerFlagError(
@@ -142,7 +146,7 @@ class CapsCLI(PrivateOverrides):
         """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue; for
         ``fit``, the run folder's lock (rank 0) and the resume plan, before anything is written."""
         config = self._get(self.config_init, "trainer", default={})
-        root = Path(config.get("default_root_dir") or "runs/default")
+        root = run_folder(config)
         kwargs["default_root_dir"] = str(root)
         if hasattr(self.datamodule, "mnist_dir"):  # find (or download) MNIST before a run folder or W&B run exists
             mnist.resolve_dir(self.datamodule.mnist_dir)

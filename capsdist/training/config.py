@@ -1,8 +1,12 @@
-"""The training CLI's own config rules: trainer-level settings, ``--ckpt_path``, flags the data sets, and bounded
-YAML loading (a config file's size and its alias expansion)."""
+"""The training CLI's own config rules: trainer-level settings, ``--ckpt_path``, flags the data sets, bounded
+YAML loading (a config file's size and its alias expansion), and the code a config may name (jsonargparse imports
+every ``class_path`` and import path it reads, and importing a module runs it)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ import torch
 import yaml
 from jsonargparse import set_loader
 
+from capsdist.checkpoint.sharded import read_meta
 from capsdist.checkpoint.single import read_weights_only
 from capsdist.compat.jsonargparse import get_yaml_default_loader, yaml_load
 from capsdist.core.rules import ConfigError, check, integer
@@ -39,7 +44,9 @@ def check_run(config: Mapping[str, Any]) -> None:
             f"--ckpt_path {ckpt}: no such file. Fix: pass a .ckpt that training wrote "
             "(runs/NAME/checkpoints/), `last` or `best`, or leave it out to start a fresh run."
         )
-    if not special and Path(ckpt).is_file():
+    if not special and Path(ckpt).is_dir():
+        read_meta(ckpt)  # a sharded checkpoint: the whole directory checked before anything is written
+    elif not special and Path(ckpt).is_file():
         missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in read_weights_only(ckpt)]
         if missing:
             raise ConfigError(
@@ -110,6 +117,62 @@ def bounded_yaml_load(stream: str) -> Any:
     return yaml_load(stream)
 
 
+# the packages whose code a config may name: all that a config.yaml written by capsdist names
+CODE_PACKAGES = ("capsdist", "pytorch_lightning", "lightning", "lightning_fabric", "torch")
+CODE_PACKAGES_ENV = "CAPSDIST_CONFIG_MODULES"  # more, comma-separated: the user's own callbacks, deliberately
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # what jsonargparse imports where a class is expected
+
+
+def check_config_code(node: Any, where: str = "") -> None:
+    """Refuse, before jsonargparse imports it, a config value that names code outside CODE_PACKAGES (and the
+    packages in $CAPSDIST_CONFIG_MODULES): any ``class_path``, at any depth, and any string that is the import
+    path of a module present (the short form of a class_path)."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key == "class_path":
+                _check_code(str(value), here, named=True)
+            else:
+                check_config_code(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_config_code(value, f"{where}[{i}]")
+    elif isinstance(node, str) and IMPORT_PATH.fullmatch(node):
+        _check_code(node, where, named=False)
+
+
+def _check_code(name: str, where: str, named: bool) -> None:
+    """Raise ConfigError if ``name`` (at ``where``) would import a module outside the allowed packages; an import
+    path whose top module does not exist runs nothing (a file name such as last.ckpt), unless a class_path."""
+    top = name.split(".")[0]
+    trusted = {*CODE_PACKAGES, *(p.strip() for p in os.environ.get(CODE_PACKAGES_ENV, "").split(",") if p.strip())}
+    if top in trusted:
+        return
+    try:
+        present = named or importlib.util.find_spec(top) is not None  # a top-level search runs no code
+    except (ImportError, ValueError):
+        present = True
+    if present:
+        raise ConfigError(
+            f"the config names the code {name!r} ({where}); reading a config imports what it names, and importing a "
+            "module runs it, so a config copied from a shared or planted run folder could run anything as you. "
+            f"capsdist-train imports code from a config only from {', '.join(CODE_PACKAGES)} (all that a "
+            "config.yaml written by a run names); nothing was imported. Fix: remove it from the config (a file "
+            f"name that looks like a module path: write it as ./{name}); if it is your own code and you trust the "
+            f"config, allow its package: export {CODE_PACKAGES_ENV}={top} (comma-separated for several)."
+        )
+
+
+def checked_yaml_load(stream: str) -> Any:
+    """:func:`bounded_yaml_load`, and a mapping (a config file, a nested one, a mapping given as a flag) refused if
+    it names code outside the allowed packages (:func:`check_config_code`)."""
+    value = bounded_yaml_load(stream)
+    if isinstance(value, Mapping):
+        check_config_code(value)
+    return value
+
+
 def bound_config_loading() -> None:
-    """Make every YAML value and config file jsonargparse reads (``--config``, ``--model cfg.yaml``) bounded."""
-    set_loader("yaml", bounded_yaml_load, (yaml.YAMLError,))
+    """Make every YAML value and config file jsonargparse reads (``--config``, ``--model cfg.yaml``) bounded, and
+    the config files checked for code they would import."""
+    set_loader("yaml", checked_yaml_load, (yaml.YAMLError,))

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from capsdist.core.files import atomic_write
+
 FONT_PX = 14  # label text height: legible beside the 84-px cells of a figure drawn at scale 3
 PAD = 2  # grid padding in source pixels
 
@@ -90,13 +92,13 @@ def reconstruction_sheet(
 
 
 def save_picture(picture: Image.Image, path: str | Path, pdf: bool = False) -> list[Path]:
-    """Write an 8-bit picture as PNG (and as a PDF beside it when asked); return the written paths."""
+    """Write an 8-bit picture as PNG (and as a PDF beside it when asked), atomically (a link at the name is
+    replaced, never written through); return the written paths."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
     if not pdf:
         return [path]
-    picture.convert("RGB").save(path.with_suffix(".pdf"), resolution=150.0)
+    atomic_write(path.with_suffix(".pdf"), lambda f: picture.convert("RGB").save(f, format="PDF", resolution=150.0))
     return [path, path.with_suffix(".pdf")]
 
 

@@ -27,10 +27,10 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 
-from capsdist.checkpoint.sharded import read_full, read_meta
+from capsdist.checkpoint.sharded import OLD, read_full, read_meta
 from capsdist.compat.lightning import loops_state, stops_mid_epoch
 from capsdist.core.errors import CapsdistError
-from capsdist.core.files import atomic_save
+from capsdist.core.files import atomic_save, atomic_write
 from capsdist.data.loader import ResumableLoader, check_state
 from capsdist.data.settings import FREE_ON_RESUME
 from capsdist.model.capsnet import MODEL_ARGS
@@ -78,8 +78,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if path.is_dir():
-            return read_meta(path)
+            return read_meta(path)  # the directory checked whole; its refusals say what is wrong
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except CapsdistError:
+        raise
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... for damaged files
         raise ResumeError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160]}); it "
@@ -90,9 +92,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_files(root: str | Path) -> list[Path]:
     """Every ``*.ckpt`` under the run folder (hpc_ckpt_N at its top, the others in checkpoints/): files, and
-    directories (sharded checkpoints)."""
+    directories (sharded checkpoints); and every ``.NAME.ckpt.old``, a checkpoint a sharded save moved aside (a
+    kill before the new one was renamed in leaves it the only copy: capsdist.checkpoint.sharded)."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*.ckpt") if p.is_file() or p.is_dir()) if root.is_dir() else []
+    found = [*root.rglob("*.ckpt"), *root.rglob(OLD.format("*.ckpt"))] if root.is_dir() else []
+    return sorted(p for p in found if p.is_file() or p.is_dir())
 
 
 def newest(root: str | Path) -> tuple[Path, int] | None:
@@ -172,11 +176,7 @@ def claim(root: str | Path) -> None:
     """Record this launch as the run folder's owner, so that its restarts resume by themselves."""
     job = launch_id()
     if job:
-        marker = Path(root) / JOB_FILE
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{JOB_FILE}.{os.getpid()}")
-        tmp.write_text(job + "\n")
-        os.replace(tmp, marker)
+        atomic_write(Path(root) / JOB_FILE, lambda f: f.write(f"{job}\n".encode()))
 
 
 def plan(ckpt_path: str | None, root: str | Path) -> tuple[str | None, str]:
@@ -272,8 +272,8 @@ def remove_stale_hpc(root: str | Path, below_step: int, keep: Path | None = None
         if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", path.name) and path != keep:
             try:
                 step = int(read_checkpoint(path).get("global_step", 0))
-            except ResumeError:
-                step = -1  # a torn hpc file is superseded by anything
+            except CapsdistError:
+                step = -1  # a torn (or refused) hpc checkpoint is superseded by anything
             if step < below_step and path.is_dir():
                 shutil.rmtree(path)
             elif step < below_step:

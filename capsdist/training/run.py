@@ -13,6 +13,7 @@ import netrc
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -31,11 +32,26 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from capsdist.cluster import wandb_shield
 from capsdist.compat.lightning import experiment_started, skip_flat_hparams
 from capsdist.core.errors import CapsdistError
+from capsdist.core.files import atomic_write, no_follow_opener, refuse_links
 from capsdist.training.resume import how_to_resume, rewind_untrained
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
+# the links W&B itself keeps in its folder (it replaces them by rename, never writes through them): the only links a
+# run folder may hold
+WANDB_LINKS = ("wandb/latest-run", "wandb/debug.log", "wandb/debug-internal.log", "wandb/*/logs/debug-core.log")
 # the W&B summary of each metric: its best value over the run, not the last one logged
 BEST = {"val/error": "min", "val/loss": "min", "val/acc": "max", "val/digit_acc": "max"}
+
+
+def run_folder(trainer: Mapping[str, Any]) -> Path:
+    """The run folder of a trainer config: its default_root_dir, else runs/default."""
+    return Path(trainer.get("default_root_dir") or "runs/default")
+
+
+def check_run_folder(root: Path) -> None:
+    """Refuse, before a run writes anything, a run folder holding a symbolic link (but W&B's own) or a special file:
+    the lock, config.yaml, logs, checkpoints and the W&B id would be written through it (capsdist.core.files)."""
+    refuse_links(root, WANDB_LINKS)
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -44,17 +60,16 @@ class LoggedConfig(SaveConfigCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """config.yaml in trainer.default_root_dir, with or without W&B (Lightning's puts it in the first logger's
-        folder: csv/version_N without W&B), and no flat second copy of the model's and data's settings."""
+        folder: csv/version_N without W&B), and no flat second copy of the model's and data's settings. Written by
+        the atomic writer: a link planted at config.yaml is replaced, its target never written."""
         skip_flat_hparams(pl_module)  # Lightning would log model+data hparams flat beside the nested config
         if trainer.datamodule is not None:
             skip_flat_hparams(trainer.datamodule)
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            root = Path(trainer.default_root_dir)
-            root.mkdir(parents=True, exist_ok=True)
-            path = str(root / self.config_filename)
-            self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+            text = self.parser.dump(self.config, skip_unset=False)  # what parser.save writes, written atomically
+            atomic_write(Path(trainer.default_root_dir) / self.config_filename, lambda f: f.write(text.encode()))
             self.save_config(trainer, pl_module, stage)
         self.already_saved = True
 
@@ -97,8 +112,9 @@ def _wandb_run_id(root: Path, resuming: bool) -> str | None:
     if os.environ.get("WANDB_RUN_ID"):
         return None
     stored = root / RUN_ID_FILE
-    if resuming and stored.is_file():
-        return stored.read_text().strip()
+    if resuming and os.path.lexists(stored):  # a link or FIFO there is refused, not read
+        with open(stored, encoding="utf-8", opener=no_follow_opener) as handle:
+            return handle.read().strip()
     if job := os.environ.get("SLURM_JOB_ID"):
         return f"{root.name}-slurm{job}"
     return secrets.token_hex(4)
@@ -110,8 +126,8 @@ def open_wandb_run(loggers: list[Logger], root: Path) -> None:
         if is_wandb(logger) and rank_zero_only.rank == 0:
             if not os.environ.get("WANDB_DIR"):
                 (root / "wandb").mkdir(parents=True, exist_ok=True)
-            if logger.version:
-                (root / RUN_ID_FILE).write_text(f"{logger.version}\n")
+            if logger.version:  # atomic: a link planted at the name is replaced, its target never written
+                atomic_write(root / RUN_ID_FILE, lambda f, run=logger.version: f.write(f"{run}\n".encode()))
 
 
 class RunWandbLogger(WandbLogger):
@@ -202,12 +218,12 @@ class PredictionWriter(BasePredictionWriter):
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
         self.path, self.rows = self.root / name, 0
         self.root.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        open(self.path, "w", opener=no_follow_opener).close()  # a link there is refused, its target never emptied
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any, *_: Any) -> None:
-        """Append one row per image."""
+        """Append one row per image (never through a link planted since the start)."""
         labels, predicted, lengths = (prediction[k].cpu().tolist() for k in ("labels", "predictions", "lengths"))
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", opener=no_follow_opener) as f:
             out = csv.writer(f)
             if self.rows == 0:
                 k, n = len(labels[0]), len(lengths[0])

@@ -35,7 +35,7 @@ FIT_CASES = [
     (["--model.lr=0"], 2, "--model.lr 0.0 is out of range"),
     (["--trainer.precision=16-true"], 2, "--trainer.precision 16-true needs a GPU"),
     (["--ckpt_path=/nonexistent/x.ckpt"], 2, "--ckpt_path /nonexistent/x.ckpt: no such file"),
-    (["--ckpt_path=/etc"], 2, "/etc is not a readable checkpoint"),  # a directory but not a sharded one
+    (["--ckpt_path=/etc"], 2, "/etc is not a sharded checkpoint (no meta.pt)"),  # a directory, not a sharded one
     (["--data.max_shift=40"], 2, "--data.max_shift 40 is out of range: it must be an integer from 0 to 4"),
     (["--model.recon_weight=-5"], 2, "--model.recon_weight -5.0 is out of range: it must be a number >= 0"),
     (["--model.lr_decay=0"], 2, "--model.lr_decay 0.0 is out of range: it must be a number in (0, 1]"),
