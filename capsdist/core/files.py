@@ -120,13 +120,17 @@ def no_follow_opener(path: str, flags: int) -> int:
     return fd
 
 
-def refuse_links(root: Path, allowed: tuple[str, ...] = ()) -> None:
-    """Refuse a run folder (before a run writes into it) that holds a symbolic link or special file at
-    any depth, but those matching an ``allowed`` pattern (relative paths, ``*`` within one name): capsdist would
-    write through a link to a file or folder outside (``mkdir``, ``open``) and block on a FIFO."""
-    for folder, dirs, files in os.walk(root):  # links to folders are listed in dirs, never entered
-        for name in [*dirs, *files]:
-            path = Path(folder, name)
+def refuse_links(root: Path, owned: tuple[str, ...], allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a run folder (before a run writes into it) whose entries of capsdist's own (``owned``: names or
+    ``*`` patterns at its top level, folders walked to any depth) hold a symbolic link or special file, but those
+    matching an ``allowed`` pattern: capsdist would write through a link to a file or folder outside (``mkdir``,
+    ``open``) and block on a FIFO. Other entries are not capsdist's and not looked at (a run folder of ``.`` may
+    hold a venv's links)."""
+    tops = [p for p in (root.iterdir() if root.is_dir() else ()) if any(p.match(name) for name in owned)]
+    for top in tops:
+        walked = os.walk(top) if top.is_dir() and not top.is_symlink() else ()
+        entries = [top, *(Path(folder, name) for folder, dirs, files in walked for name in [*dirs, *files])]
+        for path in entries:  # links to folders are listed by os.walk, never entered
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:  # removed while walking

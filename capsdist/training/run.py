@@ -30,15 +30,19 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist.cluster import wandb_shield
+from capsdist.cluster.runlock import LOCK_FILE
 from capsdist.compat.lightning import experiment_started, skip_flat_hparams
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_write, no_follow_opener, refuse_links
-from capsdist.training.resume import how_to_resume, rewind_untrained
+from capsdist.training.resume import JOB_FILE, how_to_resume, rewind_untrained
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
 # the links W&B itself keeps in its folder (it replaces them by rename, never writes through them): the only links a
 # run folder may hold
 WANDB_LINKS = ("wandb/latest-run", "wandb/debug.log", "wandb/debug-internal.log", "wandb/*/logs/debug-core.log")
+# what a run writes in its folder (the other entries of a folder such as `.` are not the run's, left unread)
+RUN_FILES = (LOCK_FILE, "config.yaml", RUN_ID_FILE, JOB_FILE, "predictions*.csv", "checkpoints", "csv", "wandb",
+             "figures")  # fmt: skip
 # the W&B summary of each metric: its best value over the run, not the last one logged
 BEST = {"val/error": "min", "val/loss": "min", "val/acc": "max", "val/digit_acc": "max"}
 
@@ -49,9 +53,10 @@ def run_folder(trainer: Mapping[str, Any]) -> Path:
 
 
 def check_run_folder(root: Path) -> None:
-    """Refuse, before a run writes anything, a run folder holding a symbolic link (but W&B's own) or a special file:
-    the lock, config.yaml, logs, checkpoints and the W&B id would be written through it (capsdist.core.files)."""
-    refuse_links(root, WANDB_LINKS)
+    """Refuse, before a run writes anything, a run folder whose own files and folders hold a symbolic link (but
+    W&B's own) or a special file: the lock, config.yaml, logs, checkpoints and the W&B id would be written through
+    it (capsdist.core.files)."""
+    refuse_links(root, RUN_FILES, WANDB_LINKS)
 
 
 class LoggedConfig(SaveConfigCallback):

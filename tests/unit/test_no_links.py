@@ -12,7 +12,7 @@ import pytest
 
 from capsdist.cluster.runlock import RunLock
 from capsdist.core.files import LinkedPathError, atomic_write, no_follow_opener, refuse_links
-from capsdist.training.run import WANDB_LINKS, PredictionWriter, run_loggers
+from capsdist.training.run import RUN_FILES, WANDB_LINKS, PredictionWriter, run_loggers
 
 
 @pytest.fixture
@@ -78,7 +78,18 @@ def test_the_start_check_lets_wandb_keep_its_own_links(tmp_path: Path, outside: 
     (run / "wandb" / "offline-run-1" / "logs").mkdir(parents=True)
     for name in ("latest-run", "debug.log", "offline-run-1/logs/debug-core.log"):
         (run / "wandb" / name).symlink_to(outside)
-    refuse_links(run, WANDB_LINKS)
+    refuse_links(run, RUN_FILES, WANDB_LINKS)
     plant(run / "csv", "debug.log", outside)
     with pytest.raises(LinkedPathError, match=f"holds csv/debug.log, a symbolic link to {outside}"):
-        refuse_links(run, WANDB_LINKS)
+        refuse_links(run, RUN_FILES, WANDB_LINKS)
+
+
+def test_the_start_check_reads_only_the_runs_own_entries(tmp_path: Path, outside: Path) -> None:
+    """A run folder of `.` may hold links that are not the run's (a venv's lib64): only the run's names count."""
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / "lib64").symlink_to(tmp_path / "venv")
+    (tmp_path / "notes").symlink_to(outside)
+    refuse_links(tmp_path, RUN_FILES, WANDB_LINKS)
+    (tmp_path / "predictions-rank1.csv").symlink_to(outside)
+    with pytest.raises(LinkedPathError, match="holds predictions-rank1.csv, a symbolic link"):
+        refuse_links(tmp_path, RUN_FILES, WANDB_LINKS)
