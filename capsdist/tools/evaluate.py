@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
+from capsdist.compat.jsonargparse import ShortUsageErrors
 from capsdist.core.errors import CapsdistError, prog, user_errors
 from capsdist.data.batch import DataError
 from capsdist.data.modules import CapsDataModule
@@ -24,9 +25,13 @@ from capsdist.model.scoring import eval_batch
 from capsdist.model.trained import Trained, load_trained
 
 
+class InferenceParser(ShortUsageErrors, ArgumentParser):
+    """evaluate's and figures' parser: an unknown flag is a short usage error naming the closest valid one."""
+
+
 def inference_parser(description: str) -> ArgumentParser:
     """Arguments shared by evaluate and figures: the checkpoint, the device and the datamodule's settings."""
-    parser = ArgumentParser(prog=prog("capsdist.evaluate"), description=description)  # figures: its own name
+    parser = InferenceParser(prog=prog("capsdist.evaluate"), description=description)  # figures: its own name
     parser.add_argument("--ckpt", type=str | None, default=None, help="checkpoint written by capsdist.train")
     parser.add_argument("--weights", type=str | None, default=None, help="or a .safetensors from capsdist.pretrained")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,11 +20,13 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist.cluster import signals
 from capsdist.cluster.allocator import keep_freed_memory
 from capsdist.cluster.runlock import RunLock, release_all
+from capsdist.compat.jsonargparse import ShortUsageErrors
 from capsdist.compat.lightning import PrivateOverrides
 from capsdist.core import shipped
 from capsdist.core.errors import CapsdistError, prog, user_errors
@@ -94,6 +96,11 @@ def quiet_known_warnings() -> None:
 def _no_litlogger_tip(record: logging.LogRecord) -> bool:
     """Drop Lightning 2.6's advertisement for its litlogger package, printed at every Trainer construction."""
     return "litlogger" not in record.getMessage()
+
+
+class CapsParser(ShortUsageErrors, LightningArgumentParser):
+    """The training CLI's parser (and its subcommands'): an unknown flag or subcommand is a short usage error that
+    names the closest valid one, not the subcommand's 96-line usage."""
 
 
 class CapsCLI(PrivateOverrides):
@@ -280,6 +287,7 @@ def main(args: list[str] | None = None) -> None:
             CapsCLI(
                 CapsNetModule,
                 CapsDataModule,
+                parser_class=CapsParser,
                 save_config_callback=LoggedConfig,
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=0,

@@ -174,6 +174,24 @@ def test_the_training_cli_without_arguments_is_a_usage_error_not_a_traceback() -
     assert 'expected "subcommand"' in done.stderr and len(done.stderr.splitlines()) <= 4
 
 
+@pytest.mark.parametrize(
+    ("argv", "typo", "hint"),
+    [(["fit", "--data.batchsize", "3"], "--data.batchsize", "did you mean --data.batch_size?"),
+     (["fti"], "'fti'", "did you mean fit?")],
+    ids=["flag", "subcommand"],
+)  # fmt: skip
+def test_a_mistyped_flag_or_subcommand_is_a_short_error_naming_the_closest(
+    argv: list[str], typo: str, hint: str, capsys: pytest.CaptureFixture
+) -> None:
+    """An unknown flag or subcommand: a few lines naming it and the closest valid one, exit 2 (an unknown flag
+    printed fit's 96-line usage, with no hint)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and typo in err and "Traceback" not in err
+    assert err.splitlines()[-1] == hint and len(err.splitlines()) <= 4, err
+
+
 def test_training_cli_workers_print_no_runpy_warning(tmp_path: Path) -> None:
     """`python -m capsdist.train` with loader workers: no "'capsdist.train' found in sys.modules" RuntimeWarning from
     each worker (the entry point is not preloaded by name; its imports are)."""
