@@ -30,7 +30,6 @@ from capsdist.compat.jsonargparse import ShortUsageErrors
 from capsdist.compat.lightning import PrivateOverrides
 from capsdist.core import shipped
 from capsdist.core.errors import CapsdistError, prog, user_errors
-from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
 from capsdist.parallel import process_group
 from capsdist.training import resume
@@ -151,8 +150,7 @@ class CapsCLI(PrivateOverrides):
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or "runs/default")
         kwargs["default_root_dir"] = str(root)
-        if hasattr(self.datamodule, "mnist_dir"):  # find (or download) MNIST before a run folder or W&B run exists
-            mnist.resolve_dir(self.datamodule.mnist_dir)
+        self.datamodule.check_inputs(self.subcommand)  # the data found (MNIST downloaded): before anything is written
         default_loggers = config.get("logger") in (None, True)
         if default_loggers:
             kwargs["logger"] = False  # set below, once the resume plan says which W&B run this is
