@@ -67,6 +67,10 @@ class BaseData(pl.LightningDataModule):
         if self.num_workers > 0:
             start_server()
 
+    def check_inputs(self, stage: str) -> None:
+        """Find (or download) and check every input `stage` (fit, validate, test, predict) reads, so a missing
+        folder or shard stops a run before it writes anything (the CLI calls it before the run folder exists)."""
+
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) from the trainer, (0, 1) without one."""
         strategy = self.trainer.strategy if self.trainer else None
@@ -116,8 +120,13 @@ class _MnistArrays(BaseData):
     _train_cap: int | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the train and test splits once (the train split capped to ``_train_cap`` images)."""
+        """Start the workers' server and load the splits (once)."""
         super().setup(stage)
+        self.check_inputs(stage or "fit")
+
+    def check_inputs(self, stage: str) -> None:
+        """Load the train and test splits once (the train split capped to ``_train_cap`` images): every file found,
+        checked and parsed."""
         if getattr(self, "_splits", None):
             return
         folder = mnist.resolve_dir(self.mnist_dir)
@@ -211,10 +220,21 @@ class ShardData(BaseData):
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
 
-    def train_dataloader(self) -> ResumableLoader:
-        """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
-        from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
+    def check_inputs(self, stage: str) -> None:
+        """The shards `stage` reads exist: for fit the training shards (and the epoch can be sized) and the
+        validation shards if set; for validate the validation shards; for test and predict the test shards."""
+        if stage == "fit":
+            self._training_shards()
+            if self.val_shards is not None:
+                expand_shards(self.val_shards, "val_shards")
+        elif stage == "validate":
+            expand_shards(self.val_shards, "val_shards")
+        else:
+            expand_shards(*self._test_setting())
 
+    def _training_shards(self) -> tuple[list[str], int]:
+        """(training shard URLs, samples per epoch: train_samples, else the manifest's count); an epoch that
+        neither they nor train_batches_per_epoch size is refused."""
         urls = expand_shards(self.train_shards, "train_shards")
         total = self.train_samples or manifest_total(urls)
         if not (self.train_batches_per_epoch or total):
@@ -222,6 +242,17 @@ class ShardData(BaseData):
                 "cannot size a shard epoch: no manifest.json beside the shards. "
                 "Fix: set train_batches_per_epoch (or train_samples)."
             )
+        return urls, total
+
+    def _test_setting(self) -> tuple[str | list[str] | None, str]:
+        """(what test reads, the setting's name): test_shards, by default the validation shards."""
+        return (self.test_shards, "test_shards") if self.test_shards else (self.val_shards, "val_shards")
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
+        from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
+
+        urls, total = self._training_shards()
         n = self._stream_batches(total, 0, self.train_batches_per_epoch)
         stream = ShardStream(
             urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
@@ -245,8 +276,8 @@ class ShardData(BaseData):
 
     def test_dataloader(self) -> ResumableLoader:
         """One exact pass over test_shards (default: the validation shards)."""
-        name = "test_shards" if self.test_shards else "val_shards"
-        return self._one_pass(self.test_shards or self.val_shards, None, name)
+        shards, name = self._test_setting()
+        return self._one_pass(shards, None, name)
 
 
 SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData)}

@@ -251,6 +251,14 @@ class ShardStream(IterableDataset):
             raise TypeError("uncapped validation shard stream has no length")
         return self.num_batches
 
+    def samples(self) -> int | None:
+        """Samples one validation pass of this rank yields (for progress), where manifest.json lists every shard it
+        reads; None where it does not, and in training (resampled)."""
+        counts = [self.expected[u]["count"] for u in self.rank_shards() if u in self.expected]
+        if self.train or len(counts) < len(self.rank_shards()):
+            return None
+        return sum(counts) if self.num_batches is None else min(sum(counts), self.num_batches * self.batch_size)
+
     def describe(self) -> str:
         """The shards, for error messages."""
         return f"{len(self.urls)} shard(s): {', '.join(self.urls[:3])}{' ...' if len(self.urls) > 3 else ''}"

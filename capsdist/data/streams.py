@@ -32,6 +32,7 @@ class BatchStream(IterableDataset):
     """Base of the in-memory streams: batch ``j`` of an epoch is ``make_batch(epoch, j)``, a pure function."""
 
     resume_needs_same_workers = False  # batch j does not depend on which worker makes it
+    batch_size: int  # set by each stream
 
     def __init__(self, num_batches: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         """Stream of ``num_batches`` batches per epoch for ``rank`` of ``world_size``."""
@@ -43,6 +44,10 @@ class BatchStream(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch (full epoch, also when resuming mid-epoch)."""
         return self.num_batches
+
+    def samples(self) -> int:
+        """Samples one epoch of this rank yields (for progress): full batches."""
+        return self.num_batches * self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         """This worker's share of batches ``start..num_batches-1``, round-robin from worker 0."""
@@ -82,6 +87,10 @@ class MnistStream(BatchStream):
         self.share = share
         self._order: tuple[int, torch.Tensor] | None = None
         super().__init__(num_batches or full, seed, rank, world_size)
+
+    def samples(self) -> int:
+        """Samples one epoch of this rank yields: validation's last batch may be short."""
+        return min(self.share, super().samples())
 
     def _rank_order(self, epoch: int) -> torch.Tensor:
         """This rank's sample order for an epoch (cached per worker)."""

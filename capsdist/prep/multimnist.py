@@ -37,11 +37,11 @@ import torch
 
 from capsdist.core.errors import prog, write_error
 from capsdist.core.files import atomic_write
+from capsdist.core.progress import Progress
 from capsdist.core.shipped import data_tool
 from capsdist.data import mnist, recipe, shard_format
 from capsdist.data.shard_format import MANIFEST, tar_bytes
 from capsdist.data.shard_plan import Plan, make_shard
-from capsdist.prep.progress import Progress
 
 __all__ = ["Plan", "generate", "main"]
 JOURNAL = ".journal.json"

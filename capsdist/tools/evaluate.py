@@ -9,12 +9,15 @@ not the subset a run validated on, unless `--data.val_samples` / `--data.val_bat
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
+from capsdist.compat.jsonargparse import ShortUsageErrors
 from capsdist.core.errors import CapsdistError, prog, user_errors
+from capsdist.core.progress import Progress
 from capsdist.data.batch import DataError
 from capsdist.data.modules import CapsDataModule
 from capsdist.data.shard_urls import shard_urls
@@ -24,9 +27,13 @@ from capsdist.model.scoring import eval_batch
 from capsdist.model.trained import Trained, load_trained
 
 
+class InferenceParser(ShortUsageErrors, ArgumentParser):
+    """evaluate's and figures' parser: an unknown flag is a short usage error naming the closest valid one."""
+
+
 def inference_parser(description: str) -> ArgumentParser:
     """Arguments shared by evaluate and figures: the checkpoint, the device and the datamodule's settings."""
-    parser = ArgumentParser(prog=prog("capsdist.evaluate"), description=description)  # figures: its own name
+    parser = InferenceParser(prog=prog("capsdist.evaluate"), description=description)  # figures: its own name
     parser.add_argument("--ckpt", type=str | None, default=None, help="checkpoint written by capsdist.train")
     parser.add_argument("--weights", type=str | None, default=None, help="or a .safetensors from capsdist.pretrained")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,14 +96,18 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
 
 @torch.inference_mode()
 def evaluate(trained: Trained, loader: Any, device: str) -> dict[str, float]:
-    """Test-time metrics over every batch of `loader`: the training module's eval step (capsdist.model.scoring)."""
+    """Test-time metrics over every batch of `loader`: the training module's eval step (capsdist.model.scoring);
+    progress lines on stderr (stdout carries the result)."""
     metrics = CapsMetrics().to(device)
     loss_sum, samples = 0.0, 0
-    for batch in loader:
-        batch = {k: batch[k].to(device) for k in ("image", "labels", "recon")}
-        total, _ = eval_batch(trained.model, batch, trained.recon_weight, metrics)
-        loss_sum += float(total) * batch["labels"].shape[0]
-        samples += batch["labels"].shape[0]
+    expected = getattr(loader.dataset, "samples", lambda: None)()  # None: a stream that cannot tell
+    with Progress(expected, unit="images", label="evaluate", stream=sys.stderr) as progress:
+        for batch in loader:
+            batch = {k: batch[k].to(device) for k in ("image", "labels", "recon")}
+            total, _ = eval_batch(trained.model, batch, trained.recon_weight, metrics)
+            loss_sum += float(total) * batch["labels"].shape[0]
+            samples += batch["labels"].shape[0]
+            progress.update(batch["labels"].shape[0])
     if samples == 0:
         raise CapsdistError("the data source yielded no samples. Fix: check --data.* (val shards, val_samples).")
     values = {name: float(value) for name, value in metrics.compute().items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from capsdist.checkpoint.weights import STORE_DTYPE
 from capsdist.core.errors import prog, user_errors
+from capsdist.core.progress import Progress
 from capsdist.data import mnist
 from capsdist.model.capsnet import CapsNet, load_weights
 from capsdist.model.pretrained import model_config, save_weights
@@ -30,16 +32,21 @@ from capsdist.model.trained import load_trained
 
 
 @torch.inference_mode()
-def mnist_hits(model: CapsNet, limit: int | None = None, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
-    """Per-digit correctness (bool [N]) of the longest class capsule on the first `limit` MNIST test digits."""
+def mnist_hits(
+    model: CapsNet, limit: int | None = None, batch_size: int = 500, device: str = "cpu", label: str = "scoring"
+) -> torch.Tensor:
+    """Per-digit correctness (bool [N]) of the longest class capsule on the first `limit` MNIST test digits;
+    progress lines on stderr, starting with `label`."""
     images, labels = mnist.load(mnist.resolve_dir(), "test")
     images, labels = torch.from_numpy(images[:limit]), torch.from_numpy(labels[:limit]).long()
     model = model.to(device).eval()
     hits = []
-    for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].to(device).unsqueeze(1).float().div_(255)
-        lengths = model(x, k=1).lengths
-        hits.append(lengths.argmax(dim=1).cpu() == labels[start : start + batch_size])
+    with Progress(len(labels), unit="images", label=label, stream=sys.stderr) as progress:
+        for start in range(0, len(labels), batch_size):
+            x = images[start : start + batch_size].to(device).unsqueeze(1).float().div_(255)
+            lengths = model(x, k=1).lengths
+            hits.append(lengths.argmax(dim=1).cpu() == labels[start : start + batch_size])
+            progress.update(len(x))
     return torch.cat(hits)
 
 
@@ -49,7 +56,7 @@ def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str
     config = model_config(trained.hparams)
     model = trained.model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
     started = time.perf_counter()
-    hits = mnist_hits(model, device=device)
+    hits = mnist_hits(model, device=device, label="pretrained export")
     scores = {
         "test_digits": len(hits),
         "test_correct": int(hits.sum()),
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             result = export(args.ckpt, args.out, json.loads(args.meta), args.device)
         else:
             model, meta = load_weights(args.weights, args.device)
-            hits = mnist_hits(model, args.limit, device=args.device)
+            hits = mnist_hits(model, args.limit, device=args.device, label="pretrained check")
             recorded = {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")}
             result = {
                 "weights": args.weights,

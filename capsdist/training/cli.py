@@ -20,15 +20,16 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from capsdist.cluster import signals
 from capsdist.cluster.allocator import keep_freed_memory
 from capsdist.cluster.runlock import RunLock, release_all
+from capsdist.compat.jsonargparse import ShortUsageErrors
 from capsdist.compat.lightning import PrivateOverrides
 from capsdist.core import shipped
 from capsdist.core.errors import CapsdistError, prog, user_errors
-from capsdist.data import mnist
 from capsdist.data.modules import CapsDataModule
 from capsdist.parallel import process_group
 from capsdist.training import resume
@@ -98,6 +99,11 @@ def _no_litlogger_tip(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
+class CapsParser(ShortUsageErrors, LightningArgumentParser):
+    """The training CLI's parser (and its subcommands'): an unknown flag or subcommand is a short usage error that
+    names the closest valid one, not the subcommand's 96-line usage."""
+
+
 class CapsCLI(PrivateOverrides):
     """LightningCLI with the model's image size and digit count taken from the data, and run-local outputs."""
 
@@ -148,8 +154,7 @@ class CapsCLI(PrivateOverrides):
         config = self._get(self.config_init, "trainer", default={})
         root = run_folder(config)
         kwargs["default_root_dir"] = str(root)
-        if hasattr(self.datamodule, "mnist_dir"):  # find (or download) MNIST before a run folder or W&B run exists
-            mnist.resolve_dir(self.datamodule.mnist_dir)
+        self.datamodule.check_inputs(self.subcommand)  # the data found (MNIST downloaded): before anything is written
         default_loggers = config.get("logger") in (None, True)
         if default_loggers:
             kwargs["logger"] = False  # set below, once the resume plan says which W&B run this is
@@ -284,6 +289,7 @@ def main(args: list[str] | None = None) -> None:
             CapsCLI(
                 CapsNetModule,
                 CapsDataModule,
+                parser_class=CapsParser,
                 save_config_callback=LoggedConfig,
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=0,

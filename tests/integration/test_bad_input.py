@@ -57,6 +57,42 @@ def test_fit_bad_value(flags: list[str], code: int, phrase: str, tmp_path: Path,
     assert phrase in err and "Traceback" not in err
 
 
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+MISSING_INPUTS = [
+    (["--data.mnist_dir=/nonexistent"], "MNIST file missing: /nonexistent/train-images-idx3-ubyte.gz", False),
+    (["--data.source=multimnist_shards", "--data.train_shards=/nonexistent/train-000000.tar",
+      "--data.train_batches_per_epoch=2"], "shard '/nonexistent/train-000000.tar' (from", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "phrase", "used"), MISSING_INPUTS, ids=["mnist dir", "shards in a used folder"])
+def test_missing_data_stops_fit_before_anything_is_written(
+    flags: list[str], phrase: str, used: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    """A missing MNIST folder or shard: exit 2 with one paragraph, and no run folder, lock, config, CSV or W&B run
+    (offline) is made; a used run folder is left byte for byte as it was (they were all made, and W&B offered to
+    sync the empty run)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    root = tmp_path / "run"
+    if used:
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's")
+        (root / "config.yaml").write_text("seed_everything: 0\n")
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main([*FIT, f"--trainer.default_root_dir={root}", "--wandb_mode=offline", *flags])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and phrase in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]], err
+    assert "wandb" not in out + err and _tree(tmp_path) == before
+
+
 # checked every step (logging every step); checked at the step-2 checkpoint only (the guard reads the device there)
 DEFERRED = ["--trainer.log_every_n_steps=50", "--checkpoint_every_n_steps=2"]
 OVERFLOWS = [

@@ -166,12 +166,23 @@ def test_model_flags_have_help(capsys: pytest.CaptureFixture) -> None:
     assert len(helps) >= 15 and bare == [], bare
 
 
-def test_the_training_cli_without_arguments_is_a_usage_error_not_a_traceback() -> None:
-    """`capsdist-train` alone: jsonargparse's short usage error (exit 2), no traceback from capsdist's own checks."""
-    done = subprocess.run([sys.executable, "-m", "capsdist.train"], capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())  # fmt: skip
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert 'expected "subcommand"' in done.stderr and len(done.stderr.splitlines()) <= 4
+@pytest.mark.parametrize(
+    ("argv", "named", "last"),
+    [(["fit", "--data.batchsize", "3"], "--data.batchsize", "did you mean --data.batch_size?"),
+     (["fti"], "'fti'", "did you mean fit?"),
+     ([], "{fit,validate,test,predict}", 'error: expected "subcommand" to be one of')],
+    ids=["flag", "subcommand", "no arguments"],
+)  # fmt: skip
+def test_a_mistyped_or_missing_subcommand_or_flag_is_a_short_usage_error(
+    argv: list[str], named: str, last: str, capsys: pytest.CaptureFixture
+) -> None:
+    """No arguments, an unknown flag or subcommand: a few lines, exit 2, naming what is wrong and the closest valid
+    flag or subcommand (an unknown flag printed fit's 96-line usage with no hint; no arguments, a traceback)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(last) and len(err.splitlines()) <= 4, err
 
 
 def test_training_cli_workers_print_no_runpy_warning(tmp_path: Path) -> None:

@@ -282,7 +282,7 @@ def test_rerun_with_other_params_refused(shard_dir: Path) -> None:
 def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`data_prep.multimnist ... > log` prints plain lines (count, rate, ETA), not a bar and not nothing; lines come
     at most every `every` seconds (here 0: one per update) and at the end."""
-    from capsdist.prep.progress import Progress
+    from capsdist.core.progress import Progress
 
     line = re.compile(r"^(\d+)/(\d+) samples \(\d+%\), [\d,]+ samples/s, ETA (\d+:\d\d:\d\d|\?)$")
     done = _run_cli("--num-samples", "40", "--shard-size", "10", "--workers", "1", "--out", str(tmp_path / "s"))
@@ -294,3 +294,6 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path: Path, capsys: py
             bar.update(10)
     counts = [int(line.match(row).group(1)) for row in capsys.readouterr().out.splitlines()]
     assert counts == [20, 30]
+    with Progress(None, unit="images", every=60, label="evaluate", stream=sys.stderr) as bar:  # count unknown
+        bar.update(5)
+    assert re.match(r"^evaluate: 5 images, [\d,]+ images/s$", capsys.readouterr().err)  # the last line, at the end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from capsdist.model.capsnet import load_weights
+from capsdist.tools import pretrained
 from capsdist.tools.pretrained import mnist_hits
 from tests.conftest import REPO, subprocess_env
 
@@ -31,11 +33,24 @@ def first_500_correct() -> int:
 
 
 def test_evaluate_weights_agrees_with_the_independent_scorer(first_500_correct):
+    """evaluate --weights scores as the independent scorer does; stdout is the JSON result alone, progress lines
+    go to stderr (plain lines where it is not a terminal)."""
     done = run("capsdist.evaluate", "--weights", str(WEIGHTS), "--data.val_samples", "500", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout)
     assert result["source"] == "mnist" and result["samples"] == 500
     assert round(result["acc"] * 500) == first_500_correct
+    assert re.search(r"^evaluate: 500/500 images \(100%\), [\d,]+ images/s, ETA 0:00:00$", done.stderr, re.M)
+    assert "\r" not in done.stderr, done.stderr
+
+
+def test_pretrained_check_shows_progress_on_stderr(capsys: pytest.CaptureFixture) -> None:
+    """`pretrained check` (and export, which scores the same way) prints progress lines on stderr while its
+    stdout stays one JSON object."""
+    pretrained.main(["check", "--weights", str(WEIGHTS), "--limit", "64", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["test_digits"] == 64
+    assert err.startswith("pretrained check: 64/64 images (100%)"), err
 
 
 def test_figures_from_weights_draw_the_perturbation_grid(tmp_path):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from argparse import ArgumentError
 from importlib.metadata import version
+from typing import Literal
 
 import pytest
 import pytorch_lightning as pl
@@ -18,6 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from capsdist.compat import dcp, lightning
+from capsdist.compat import jsonargparse as jsonargparse_seam
 from capsdist.compat import wandb as wandb_seam
 
 
@@ -82,4 +85,31 @@ def test_dcp_private_names_exist() -> None:
 def test_jsonargparse_private_loader_exists() -> None:
     module = importlib.import_module("jsonargparse._loaders_dumpers")
     for name in ("get_yaml_default_loader", "yaml_load"):
-        _has(module, name, "4.53", "jsonargparse")
+        _has(module, name, jsonargparse_seam.WRITTEN_FOR, "jsonargparse")
+
+
+def test_jsonargparse_errors_still_name_what_the_short_usage_errors_read() -> None:
+    """The option strings are argparse's table, and jsonargparse's messages for an unknown flag, config key,
+    subcommand and Literal value still have the shape the "did you mean" hints are read from."""
+    from jsonargparse import ArgumentParser
+
+    class Parser(jsonargparse_seam.ShortUsageErrors, ArgumentParser):
+        pass
+
+    parser = Parser(exit_on_error=False)
+    parser.add_argument("--data.batch_size", type=int, default=1)
+    parser.add_argument("--source", type=Literal["mnist", "multimnist_shards"], default="mnist")
+    _has(parser, "_option_string_actions", jsonargparse_seam.WRITTEN_FOR, "jsonargparse")
+    assert "--data.batch_size" in jsonargparse_seam.option_strings(parser)
+    for argv, hint in [
+        (["--data.batchsize", "3"], "did you mean --data.batch_size?"),
+        (["--source", "mnst"], "did you mean mnist?"),
+        (["--nothing_like_it"], ""),
+    ]:
+        with pytest.raises(ArgumentError) as error:
+            parser.parse_args(argv)
+        assert jsonargparse_seam.suggestion(str(error.value), parser) == hint, str(error.value)
+    message = "argument subcommand: invalid choice: 'fti' (choose from 'fit', 'validate', 'test', 'predict')"
+    assert jsonargparse_seam.suggestion(message, parser) == "did you mean fit?"
+    message = "Subcommand 'fit' does not accept option 'data.batchsize'"
+    assert jsonargparse_seam.suggestion(message, parser) == "did you mean data.batch_size?"
