@@ -121,7 +121,9 @@ def env_stage(check: Check) -> None:
 
 def tests_stage(check: Check) -> None:
     """`pytest -m gpu`: CUDA against CPU (in smoke mode the same tests, CPU against CPU)."""
-    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider", "-rf"]
+    # addopts emptied: the GPU machine may lack pytest-xdist, and one GPU gains nothing from parallel workers
+    argv = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "tests/gpu", "-q", "-rf",
+            "-p", "no:cacheprovider"]  # fmt: skip
     started = time.monotonic()
     code, out = check.run("gpu_tests", argv, 150, {"CAPSDIST_GPU_TESTS_ON_CPU": "1"} if SMOKE else None)
     counts = {

@@ -100,10 +100,18 @@ def child_pids(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+# The files that take over a minute on 2 cores, longest first: pytest-xdist (`--dist loadfile`, pyproject's addopts)
+# hands whole files to its workers in collection order, so these start first and no long file is left for the end.
+LONGEST_FIRST = ["test_preemption.py", "test_hostile_files.py", "test_device_check.py", "test_large_run.py",
+                 "test_restarts.py", "test_resume_exact.py", "test_resume.py", "test_capsule_parallel_training.py"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tiers: every test under tests/integration/ (CLIs, Lightning runs, subprocesses, SLURM, torchrun) is
-    ``slow``, so ``-m "not slow"`` is the unit tier, the contributor loop. Skip ``gpu`` tests on machines without
-    CUDA (device_check's CPU smoke run keeps them, CPU against CPU)."""
+    ``slow``, so ``-m "not slow"`` is the unit tier, the contributor loop. The longest files first (for xdist).
+    Skip ``gpu`` tests on machines without CUDA (device_check's CPU smoke run keeps them, CPU against CPU)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.slow)
