@@ -54,7 +54,7 @@ def atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         full = _disk_full(err)
-        if full is not None and full is not err:
+        if full is not None and (full is not err or not full.filename):  # the error names the file it hit
             raise OSError(full.errno, full.strerror, full.filename or str(dest)) from err
         raise
     dir_fd = os.open(dest.parent, os.O_RDONLY)

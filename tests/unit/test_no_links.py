@@ -4,6 +4,7 @@ The refusal at the start of a run: tests/integration/test_hostile_folders.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,3 +94,18 @@ def test_the_start_check_reads_only_the_runs_own_entries(tmp_path: Path, outside
     (tmp_path / "predictions-rank1.csv").symlink_to(outside)
     with pytest.raises(LinkedPathError, match="holds predictions-rank1.csv, a symbolic link"):
         refuse_links(tmp_path, RUN_FILES, WANDB_LINKS)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    """A bare ENOSPC from a writer (no file name in it) comes out naming the file; the old file is intact and no temp
+    file is left."""
+    dest = tmp_path / "last.ckpt"
+    dest.write_bytes(b"old")
+
+    def full(handle: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(dest, full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(dest)
+    assert dest.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
