@@ -104,8 +104,8 @@ class ImageFormat:
     def fix(self) -> str:
         """What to do about shards of no valid sample."""
         return (
-            f"check that each sample holds {self.expected} (docs/own-data.md writes such shards with webdataset's "
-            "ShardWriter)"
+            "write each sample as one png, jpg, jpeg or npy image and its integer cls (docs/own-data.md shows "
+            "webdataset's ShardWriter doing it)"
         )
 
 
