@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.utils.data import IterableDataset
 
 from capsdist.core.rules import check
@@ -312,6 +313,7 @@ class ImageShardData(ShardData):
                     f"--data.{setting} (the data sets it), or write images of that {setting.replace('_', ' ')}."
                 )
         self.image_size, self.in_channels = size, channels
+        rank_zero_info(f"capsdist: image_shards: {channels}-channel {size}x{size} images ({self._origin})")
 
     def setup(self, stage: str | None = None) -> None:
         """Take the number of classes from the trainer's model (CapsNet.num_classes) unless it is set."""

@@ -46,10 +46,10 @@ SETTINGS: dict[str, Setting] = {
                            sources=SHARD_SOURCES, free=True),
     "image_size": Setting(int | None, None, "image_shards: height and width of every image (default: the first "
                           "sample's; images of another size are refused, never resized).", integer(1, MAX_IMAGE_SIDE),
-                          sources=frozenset({IMAGES})),
+                          sources=frozenset({IMAGES}), free=True),  # the model's (checked on resume) is the data's
     "in_channels": Setting(int | None, None, "image_shards: channels of every image: 1 grey, 2 (two views, or grey "
                            "+ alpha), 3 RGB, 4 RGBA (default: the first sample's).", integer(1, MAX_CHANNELS),
-                           sources=frozenset({IMAGES})),
+                           sources=frozenset({IMAGES}), free=True),
     "batch_size": Setting(int, 128, "samples per batch per rank.", integer(1, 1 << 16)),  # bounds one batch's memory
     "num_workers": Setting(int | None, None, "DataLoader worker processes per rank (default: 0 for the in-memory "
                            "sources; shards: 2, under SLURM the task's CPUs - 1, at most 8; a shard resume needs the "
