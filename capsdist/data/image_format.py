@@ -87,12 +87,14 @@ class ImageFormat:
                 "shards."
             )
         if self.shape is not None and (c, h) != self.shape:
+            configured = self.origin.startswith("--data.")
             raise DataError(
                 f"{where} is a {c}-channel {h}x{h} image, and this data's images are {self.shape[0]}-channel "
                 f"{self.shape[1]}x{self.shape[1]} ({self.origin or 'the first sample'}): a batch holds images of one "
-                "shape, and capsdist never resizes them or changes their channels. Fix: write every image at one "
-                "size and channel count, or set --data.image_size and --data.in_channels to theirs."
-            )
+                "shape, and capsdist never resizes them or changes their channels. Fix: "
+                + ("drop --data.image_size and --data.in_channels (the data sets them), or set them to the images'."
+                   if configured else "write every image at one size and channel count.")
+            )  # fmt: skip
 
     def collate(self, samples: list[_Decoded]) -> Batch:
         """The contract batch: images [B, C, H, W] in [0, 1], labels [B, 1], the image itself as the reconstruction
