@@ -103,12 +103,13 @@ class ImageFormat:
         image = pixels.contiguous().float().div_(255)
         return {"image": image, "labels": torch.tensor([[s[1]] for s in samples]), "recon": image.unsqueeze(1)}
 
+    def writer(self) -> str:
+        """What writes these shards, for messages."""
+        return "webdataset's ShardWriter, as docs/own-data.md shows"
+
     def fix(self) -> str:
         """What to do about shards of no valid sample."""
-        return (
-            "write each sample as one png, jpg, jpeg or npy image and its integer cls (docs/own-data.md shows "
-            "webdataset's ShardWriter doing it)"
-        )
+        return f"rewrite them with {self.writer()}"
 
 
 def _where(sample: dict[str, Any]) -> str:

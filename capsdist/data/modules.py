@@ -232,7 +232,7 @@ class ShardData(BaseData):
         """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
         from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
-        urls = expand_shards(self.train_shards, "train_shards")
+        urls = expand_shards(self.train_shards, "train_shards", self._format().writer())
         total = self.train_samples or manifest_total(urls)
         if not (self.train_batches_per_epoch or total):
             raise DataError(
@@ -256,7 +256,8 @@ class ShardData(BaseData):
         from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
         stream = ShardStream(
-            expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,
+            expand_shards(shards, name, self._format().writer()), self.batch_size, False, num_batches=batches,
+            verify=self.verify_shards,
             sample_format=self._format(), **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=False)
@@ -294,8 +295,9 @@ class ImageShardData(ShardData):
         from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
         name = next((n for n in ("train_shards", "val_shards", "test_shards") if getattr(self, n)), "train_shards")
-        stream = ShardStream(expand_shards(getattr(self, name), name), 1, False, verify=False,
-                             sample_format=ImageFormat())  # fmt: skip
+        fmt = ImageFormat()
+        stream = ShardStream(expand_shards(getattr(self, name), name, fmt.writer()), 1, False, verify=False,
+                             sample_format=fmt)  # fmt: skip
         first = stream.first_sample()
         if first is None:
             raise DataError(

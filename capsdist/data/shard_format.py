@@ -276,6 +276,10 @@ class MultiMnistFormat:
         """The contract batch of inflated samples (``collate_inflated``)."""
         return collate_inflated(samples)
 
+    def writer(self) -> str:
+        """What writes these shards, for messages."""
+        return f"`{data_tool('multimnist')} --out DIR ...`"
+
     def fix(self) -> str:
         """What to do about shards of no valid sample."""
         tool = data_tool("multimnist")
