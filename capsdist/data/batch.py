@@ -1,6 +1,7 @@
 """The batch contract every loader yields, the data error type, seed namespaces and the worker placement helper.
 
-Batch = ``{"image": f32 [B,1,H,W], "labels": i64 [B,K], "recon": f32 [B,K,1,H,W]}``, values in [0, 1].
+Batch = ``{"image": f32 [B,C,H,W], "labels": i64 [B,K], "recon": f32 [B,K,C,H,W]}``, values in [0, 1] (C = 1 but
+for labelled image shards, whose images keep their channels).
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
-from capsdist.core.shipped import data_tool
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.workers import start_server
 
@@ -94,8 +93,8 @@ class ResumableLoader(DataLoader):
         if self.batches == 0 and total != 0 and getattr(self.dataset, "expects_samples", lambda: False)():
             raise DataError(
                 f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
-                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "
-                f"check them with `{data_tool('multimnist')} verify DIR`, or point the shard setting elsewhere."
+                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: {self.dataset.fix()}, or point "
+                "the shard setting elsewhere."
             )
 
     def _what(self) -> str:

@@ -8,6 +8,9 @@
     indices/offsets and composes on the GPU in ``on_after_batch_transfer`` (same samples, no CPU image work).
   - ``ShardData`` (``source: multimnist_shards``): WebDataset tar shards (``capsdist.data.shards``); ``test`` reads
     ``test_shards`` (default: the validation shards).
+  - ``ImageShardData`` (``source: image_shards``): any labelled image dataset as WebDataset shards, one image and a
+    ``cls`` per sample (``capsdist.data.image_format``), read as ShardData reads its shards; the image size and
+    channels are the first sample's unless set; recon = the image.
 
 ``CapsDataModule(source=..., **settings)`` keeps every documented config and flag working: it takes the union of
 the settings and returns the source's module, built from those it has (``train_shards`` is ignored for MNIST).
@@ -21,15 +24,28 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.utils.data import IterableDataset
 
 from capsdist.core.rules import check
 from capsdist.data import mnist, recipe
 from capsdist.data.batch import Batch, DataError
 from capsdist.data.device import DeviceMnist, DeviceMultiMnist
+from capsdist.data.image_format import ImageFormat
 from capsdist.data.loader import PlainIterable, ResumableLoader
-from capsdist.data.settings import DATA_RULES, MNIST, ONTHEFLY, SETTINGS, SHARDS, SOURCE, Source, declare, names_of
-from capsdist.data.shard_format import manifest_total
+from capsdist.data.settings import (
+    DATA_RULES,
+    IMAGES,
+    MNIST,
+    ONTHEFLY,
+    SETTINGS,
+    SHARDS,
+    SOURCE,
+    Source,
+    declare,
+    names_of,
+)
+from capsdist.data.shard_format import MultiMnistFormat, manifest_total
 from capsdist.data.shard_urls import expand_shards
 from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
 from capsdist.data.workers import start_server
@@ -39,7 +55,8 @@ class BaseData(pl.LightningDataModule):
     """What every source shares: batch size, workers, seed, epoch lengths, rank placement, loader construction."""
 
     source: ClassVar[str]
-    image_size: ClassVar[int] = recipe.CANVAS  # input height/width, known before setup (for link_arguments)
+    image_size: int = recipe.CANVAS  # input height/width, known before setup (for link_arguments)
+    in_channels: int = 1  # input channels, likewise
     num_targets: ClassVar[int] = 2  # digits per image (K)
     in_memory: ClassVar[bool] = False  # batches made from arrays in memory (no loader workers by default)
 
@@ -226,21 +243,22 @@ class ShardData(BaseData):
         if stage == "fit":
             self._training_shards()
             if self.val_shards is not None:
-                expand_shards(self.val_shards, "val_shards")
+                expand_shards(self.val_shards, "val_shards", self._format().writer())
         elif stage == "validate":
-            expand_shards(self.val_shards, "val_shards")
+            expand_shards(self.val_shards, "val_shards", self._format().writer())
         else:
-            expand_shards(*self._test_setting())
+            expand_shards(*self._test_setting(), self._format().writer())
 
     def _training_shards(self) -> tuple[list[str], int]:
         """(training shard URLs, samples per epoch: train_samples, else the manifest's count); an epoch that
         neither they nor train_batches_per_epoch size is refused."""
-        urls = expand_shards(self.train_shards, "train_shards")
+        urls = expand_shards(self.train_shards, "train_shards", self._format().writer())
         total = self.train_samples or manifest_total(urls)
         if not (self.train_batches_per_epoch or total):
             raise DataError(
-                "cannot size a shard epoch: no manifest.json beside the shards. "
-                "Fix: set train_batches_per_epoch (or train_samples)."
+                "cannot size a shard epoch: no manifest.json beside the shards (capsdist-shards writes one, "
+                "webdataset's ShardWriter does not). Fix: set train_samples to the number of training samples (or "
+                "train_batches_per_epoch)."
             )
         return urls, total
 
@@ -256,17 +274,22 @@ class ShardData(BaseData):
         n = self._stream_batches(total, 0, self.train_batches_per_epoch)
         stream = ShardStream(
             urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
-            verify=self.verify_shards, **self._stream_args(),
+            verify=self.verify_shards, sample_format=self._format(), **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
+
+    def _format(self) -> MultiMnistFormat | ImageFormat:
+        """What the shards hold and how they decode."""
+        return MultiMnistFormat()
 
     def _one_pass(self, shards: str | list[str] | None, batches: int | None, name: str) -> ResumableLoader:
         """One exact pass over `shards` (the setting `name`), split by rank then worker."""
         from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
         stream = ShardStream(
-            expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,
-            **self._stream_args(),
+            expand_shards(shards, name, self._format().writer()), self.batch_size, False, num_batches=batches,
+            verify=self.verify_shards,
+            sample_format=self._format(), **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=False)
 
@@ -280,18 +303,77 @@ class ShardData(BaseData):
         return self._one_pass(shards, None, name)
 
 
-SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData)}
+class ImageShardData(ShardData):
+    """Any labelled image dataset from WebDataset shards (``capsdist.data.image_format``: one png, jpg, jpeg or npy
+    image and its ``cls`` per sample, as webdataset's ShardWriter writes them); one target per image, the image
+    itself as the reconstruction target. Without ``image_size`` and ``in_channels``, building the module reads the
+    first sample of the first shards set (train, else validation, else test) to learn them; every other image must
+    have that shape. The model's number of classes reaches the streams at setup (``num_classes``)."""
+
+    source = IMAGES
+    num_targets = 1
+    num_classes: int | None = None  # labels must be below it: set by setup from the trainer's model, or by the caller
+
+    @declare("Labelled images from WebDataset shards.", names_of(IMAGES))
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._origin = "--data.image_size and --data.in_channels"
+        if self.image_size is None or self.in_channels is None:
+            self._read_shape()
+
+    def _read_shape(self) -> None:
+        """Learn the image size and channels left unset from the first valid sample of the first shards set."""
+        from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
+
+        name = next((n for n in ("train_shards", "val_shards", "test_shards") if getattr(self, n)), "train_shards")
+        fmt = ImageFormat()
+        stream = ShardStream(expand_shards(getattr(self, name), name, fmt.writer()), 1, False, verify=False,
+                             sample_format=fmt)  # fmt: skip
+        first = stream.first_sample()
+        if first is None:
+            raise DataError(
+                f"no valid sample in {stream.urls[0]} (the first of {name}) to read the image size and channels "
+                f"from; last reason: {stream.skipped.last or 'the shard holds no samples'}. Fix: {stream.fix()}, or "
+                "point the setting at other shards."
+            )
+        size, _, channels = first[0].shape
+        self._origin = f"the first sample of {stream.urls[0]}"
+        for setting, found in (("image_size", size), ("in_channels", channels)):
+            if getattr(self, setting) not in (None, found):
+                raise DataError(
+                    f"--data.{setting} is {getattr(self, setting)}, and {self._origin} is a {channels}-channel "
+                    f"{size}x{size} image; capsdist never resizes images or changes their channels. Fix: drop "
+                    f"--data.{setting} (the data sets it), or write images of that {setting.replace('_', ' ')}."
+                )
+        self.image_size, self.in_channels = size, channels
+        rank_zero_info(f"capsdist: image_shards: {channels}-channel {size}x{size} images ({self._origin})")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Take the number of classes from the trainer's model (CapsNet.num_classes) unless it is set."""
+        super().setup(stage)
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer else None
+        self.num_classes = self.num_classes or getattr(model, "num_classes", None)
+
+    def _format(self) -> ImageFormat:
+        """Images of the one shape, labels below the model's number of classes."""
+        return ImageFormat((self.in_channels, self.image_size), self.num_classes, self._origin)
+
+
+SOURCES: dict[str, type[BaseData]] = {cls.source: cls for cls in (MnistData, ShardData, OnTheFlyData, ImageShardData)}
 
 
 class CapsDataModule(BaseData):
-    """The CLI's data section: ``source`` picks MnistData, ShardData or OnTheFlyData; returns an instance of it."""
+    """The CLI's data section: ``source`` picks MnistData, ShardData, OnTheFlyData or ImageShardData; returns an
+    instance of it."""
 
     @declare("Data for one run: the source's module, built from the settings it reads (the rest do not apply to it).",
              list(SETTINGS), [SOURCE])
     def __new__(cls, source: Source = MNIST, **settings: Any) -> BaseData:  # type: ignore[misc]
         if source not in SOURCES:
-            raise DataError(f"unknown source {source!r}. Fix: mnist, multimnist_shards or multimnist_onthefly.")
-        if settings.get("generate_on_device") and source == SHARDS:
+            raise DataError(
+                f"unknown source {source!r}. Fix: mnist, multimnist_shards, multimnist_onthefly or image_shards."
+            )
+        if settings.get("generate_on_device") and source in (SHARDS, IMAGES):
             raise DataError("generate_on_device needs source=mnist or multimnist_onthefly (shards hold images).")
         target = SOURCES[source]
         return target(**{k: v for k, v in settings.items() if k in names_of(source)})

@@ -20,6 +20,7 @@ from capsdist.core.errors import CapsdistError, prog, user_errors
 from capsdist.core.progress import Progress
 from capsdist.data.batch import DataError
 from capsdist.data.modules import CapsDataModule
+from capsdist.data.settings import IMAGES
 from capsdist.data.shard_urls import shard_urls
 from capsdist.model.metrics import CapsMetrics
 from capsdist.model.pretrained import load_as_trained
@@ -62,15 +63,21 @@ def checkpoint_defaults(trained: Trained, known: Any) -> tuple[dict[str, Any], d
 
 
 def check_data_fits(trained: Trained, datamodule: Any, source: str) -> None:
-    """Refuse data of another shape than the checkpoint's (MNIST vs MultiMNIST) before any forward pass."""
+    """Refuse data of another shape than the checkpoint's (MNIST vs MultiMNIST, grey vs colour) before any forward
+    pass; labelled images are held to the model's classes."""
     size, k = int(trained.hparams.get("image_size", 28)), int(trained.hparams.get("num_targets", 1))
-    if (datamodule.image_size, datamodule.num_targets) != (size, k):
+    channels = int(trained.hparams.get("in_channels", 1))
+    data = (datamodule.image_size, datamodule.in_channels, datamodule.num_targets)
+    if data != (size, channels, k):
         was = trained.data.get("source", "data")
         raise CapsdistError(
-            f"the checkpoint was trained on {was} ({size}x{size} images, {k} digit(s) each), and "
-            f"--data.source {source} gives {datamodule.image_size}x{datamodule.image_size} images with "
-            f"{datamodule.num_targets} digit(s). Fix: evaluate it on data like its own (--data.source {was})."
+            f"the checkpoint was trained on {was} ({size}x{size} images of {channels} channel(s), {k} target(s) "
+            f"each), and --data.source {source} gives {data[0]}x{data[0]} images of {data[1]} channel(s) with "
+            f"{data[2]} target(s). Fix: evaluate it on data like its own (--data.source {was}: {size}x{size} "
+            f"images of {channels} channel(s))."
         )
+    if hasattr(datamodule, "num_classes"):
+        datamodule.num_classes = trained.model.num_classes
 
 
 def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple[Namespace, Trained, Any]:
@@ -88,7 +95,10 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
     for key, err in refused.items():
         if key == "val_shards" and args.data[key] is None and args.data.source == "multimnist_shards":
             raise CapsdistError(f"{err} Here: --data.{key} SHARDS, or --data.source multimnist_onthefly.")
-    datamodule = CapsDataModule(**args.data.as_dict())
+    settings = args.data.as_dict()
+    if settings["source"] == IMAGES:  # the image shape is read from the shards scored, not the training ones
+        settings["train_shards"] = None
+    datamodule = CapsDataModule(**settings)
     check_data_fits(trained, datamodule, args.data.source)
     datamodule.setup("validate")
     return args, trained, datamodule.val_dataloader()

@@ -105,11 +105,13 @@ class CapsParser(ShortUsageErrors, LightningArgumentParser):
 
 
 class CapsCLI(PrivateOverrides):
-    """LightningCLI with the model's image size and digit count taken from the data, and run-local outputs."""
+    """LightningCLI with the model's image size, channels and digit count taken from the data, and run-local
+    outputs."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link data -> model shapes and add the logging switches."""
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_targets", "model.num_targets", apply_on="instantiate")
         parser.add_argument(
             "--wandb_mode",

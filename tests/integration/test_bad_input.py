@@ -152,7 +152,7 @@ def test_checkpoint_of_the_other_dataset_is_named(tmp_path: Path, capsys: pytest
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.source=mnist", "--data.val_samples=8"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "trained on multimnist_onthefly (36x36 images, 2 digit(s) each)" in err
+    assert stop.value.code == 2 and "trained on multimnist_onthefly (36x36 images of 1 channel(s), 2 target(s)" in err
 
 
 def test_random_byte_shards_stop_fit_promptly(tmp_path: Path) -> None:
