@@ -1,5 +1,6 @@
 """Exact-match and per-digit metrics against hand-computed values."""
 
+import pytest
 import torch
 
 from capsdist.model.metrics import CapsMetrics, topk_hits
@@ -35,3 +36,40 @@ def test_metrics_accumulate_over_batches_and_reset():
     metrics.reset()
     metrics.update(torch.tensor([[0.9, 0.1]]), torch.tensor([[1]]))
     assert metrics.compute()["acc"] == 0
+
+
+def _scores(lengths: list[list[float]], labels: list[list[int]]) -> tuple[list[list[bool]], dict[str, float]]:
+    """(topk_hits, CapsMetrics values) of hand-made capsule lengths and labels."""
+    lengths_t, labels_t = torch.tensor(lengths), torch.tensor(labels)
+    metrics = CapsMetrics()
+    metrics.update(lengths_t, labels_t)
+    return topk_hits(lengths_t, labels_t).tolist(), {k: float(v) for k, v in metrics.compute().items()}
+
+
+def test_paper_metric_on_hand_made_two_digit_cases():
+    """The paper's MultiMNIST metric: right when the two longest capsules are exactly the sample's two digits."""
+    both = [0.1, 0.2, 0.95, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1]  # classes 2 and 7 longest
+    third = [0.1, 0.2, 0.95, 0.1, 0.1, 0.1, 0.1, 0.3, 0.9, 0.1]  # 7 pushed out by 8
+    hits, values = _scores([both, both, third], [[2, 7], [7, 2], [2, 7]])
+    assert hits == [[True, True], [True, True], [True, False]]  # either label order; 7 swapped for a third class
+    assert values["acc"] == pytest.approx(2 / 3) and values["digit_acc"] == pytest.approx(5 / 6)
+
+
+def test_a_digit_repeated_in_the_labels_is_found_once_so_the_sample_is_never_right():
+    """Two distinct capsules cannot both be digit 3: the repeat is a miss even with 3 the longest capsule."""
+    lengths = [0.1, 0.1, 0.1, 0.95, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]  # top-2 {3, 4}
+    hits, values = _scores([lengths], [[3, 3]])
+    assert hits == [[True, False]] and values["acc"] == 0 and values["digit_acc"] == 0.5
+
+
+def test_a_tie_at_the_kth_place_or_a_nan_length_is_a_miss():
+    """Found means strictly among the K longest, whatever order topk would break a tie in."""
+    tie_at_second = [0.1, 0.9, 0.5, 0.5]  # 1 first; 2 and 3 share second place
+    tie_at_top = [0.9, 0.9, 0.1, 0.1]  # both label capsules share first place: no ambiguity about the top 2
+    all_equal = [0.5, 0.5, 0.5, 0.5]  # a dead model: topk would return 0, 1
+    nan = [float("nan"), 0.9, 0.1, 0.1]
+    hits, values = _scores([tie_at_second, tie_at_top, all_equal, nan], [[1, 2], [0, 1], [0, 1], [0, 1]])
+    assert hits == [[True, False], [True, True], [False, False], [False, True]]
+    assert values["acc"] == pytest.approx(1 / 4)
+    single, _ = _scores([[0.7, 0.7, 0.1], [0.7, 0.6, 0.1]], [[0], [0]])  # K = 1: a tied argmax is a miss
+    assert single == [[False], [True]]
