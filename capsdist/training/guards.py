@@ -205,39 +205,47 @@ def fault_callbacks(configured: list[Callback]) -> list[Callback]:
 
 
 # CPU features that do bf16 arithmetic in hardware: x86 AVX512-BF16 (Cooper Lake, Zen 4 and later) and AMX (Sapphire
-# Rapids and later) in /proc/cpuinfo's "flags", Arm's BF16 in its "Features". Without them oneDNN and PyTorch emulate
-# bf16 through fp32 with conversions: the paper's model trained at 2.9 img/s in bf16-mixed vs 84 in fp32 on a 2-core
-# AMD Zen 3 (issue 29).
+# Rapids and later) in /proc/cpuinfo's "flags", Arm's BF16 in its "Features".
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# AVX-512 "core" (Skylake-SP and later, Zen 4): without bf16 hardware oneDNN emulates bf16 with it, at a modest cost.
+AVX512_CORE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+# What the emulation costs (issue 29): the paper's model in bf16-mixed against fp32 on 2 cores.
+EMULATED_BF16 = {
+    "avx512": "emulated with AVX-512: no faster than fp32 and less precise (0.9-1.6x the fp32 step time for the "
+    "paper's MultiMNIST model on a 2-core Intel Ice Lake)",
+    "none": "emulated without AVX-512: about 30x slower than fp32 (the paper's model: 2.9 vs 84 images/s on an AMD "
+    "Zen 3)",
+}
 
 
-def native_bf16(cpuinfo: str) -> bool:
-    """Whether /proc/cpuinfo text lists a bf16 arithmetic feature (NATIVE_BF16_FLAGS) on a flags/Features line."""
+def cpu_bf16(cpuinfo: str) -> str | None:
+    """How a CPU does bf16 arithmetic, from /proc/cpuinfo text (its first flags or Features line): "native"
+    (NATIVE_BF16_FLAGS), "avx512" (emulated with AVX-512 core), "none" (emulated without), None without the line."""
     for line in cpuinfo.splitlines():
         key, _, words = line.partition(":")
-        if key.strip() in ("flags", "Features") and NATIVE_BF16_FLAGS & set(words.split()):
-            return True
-    return False
+        if key.strip() in ("flags", "Features"):
+            flags = set(words.split())
+            return "native" if NATIVE_BF16_FLAGS & flags else "avx512" if flags >= AVX512_CORE_FLAGS else "none"
+    return None
 
 
-def host_native_bf16() -> bool | None:
-    """Whether this host's CPU does bf16 in hardware; None where /proc/cpuinfo cannot be read (not Linux)."""
+def host_cpu_bf16() -> str | None:
+    """``cpu_bf16`` of this host; None where /proc/cpuinfo cannot be read (not Linux)."""
     try:
-        return native_bf16(Path("/proc/cpuinfo").read_text())
+        return cpu_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:
         return None
 
 
 def warn_emulated_bf16(trainer: pl.Trainer) -> None:
-    """At startup, on rank 0: say that a bf16 precision on a CPU without bf16 hardware is emulated, many times slower
-    than fp32, and how to switch."""
+    """At startup, on rank 0: say that a bf16 precision on a CPU without bf16 hardware is emulated, what that costs,
+    and how to switch."""
     precision = str(trainer.precision)
     if trainer.strategy.root_device.type != "cpu" or not precision.startswith("bf16"):
         return
-    if host_native_bf16() is False:
+    cost = EMULATED_BF16.get(host_cpu_bf16() or "native")
+    if cost:
         rank_zero_warn(
             f"capsdist: --trainer.precision {precision} on a CPU without bf16 hardware (no avx512_bf16 or amx_bf16 "
-            "among /proc/cpuinfo's flags): every bf16 matmul and convolution is emulated, about 30x slower than fp32 "
-            "for the paper's model (2.9 vs 84 images/s measured on an AMD Zen 3). Fix: train with "
-            "--trainer.precision 32-true."
+            f"among /proc/cpuinfo's flags): bf16 is {cost}. Fix: train with --trainer.precision 32-true."
         )
