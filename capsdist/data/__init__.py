@@ -27,6 +27,7 @@ _EXPORTS = {
     "BatchStream": "streams",
     "MnistStream": "streams",
     "OnTheFlyMultiMnist": "streams",
+    "FixedMultiMnist": "streams",
     "DeviceMultiMnist": "device",
     "ResumableLoader": "loader",
     "ShardStream": "shards",

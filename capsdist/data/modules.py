@@ -47,7 +47,7 @@ from capsdist.data.settings import (
 )
 from capsdist.data.shard_format import MultiMnistFormat, manifest_total
 from capsdist.data.shard_urls import expand_shards
-from capsdist.data.streams import MnistStream, OnTheFlyMultiMnist
+from capsdist.data.streams import FixedMultiMnist, MnistStream, OnTheFlyMultiMnist
 from capsdist.data.workers import start_server
 
 
@@ -219,10 +219,11 @@ class OnTheFlyData(_MnistArrays):
         return self._loader(stream, train=True)
 
     def _test_stream(self, samples: int | None, batches: int | None) -> ResumableLoader:
-        """The fixed stream of test-split overlays (the same samples every epoch), `samples` long (default 10k)."""
+        """The fixed test-split overlays (the same for any batch size and rank count), `samples` long (default
+        10k: the number the official code scores)."""
         images, labels = self._splits["test"]
-        n = self._stream_batches(samples, 10000, batches)
-        stream = OnTheFlyMultiMnist(images, labels, self.batch_size, n, train=False, **self._stream_args())
+        samples = samples or recipe.TEST_OVERLAYS
+        stream = FixedMultiMnist(images, labels, self.batch_size, samples, num_batches=batches, **self._stream_args())
         return self._loader(stream, train=False)
 
 

@@ -35,7 +35,7 @@ from capsdist.parallel import process_group
 from capsdist.training import resume
 from capsdist.training.config import bound_config_loading, check_argv, check_run
 from capsdist.training.diagnostics import CapsuleDiagnostics, batch_images
-from capsdist.training.guards import fault_callbacks
+from capsdist.training.guards import fault_callbacks, warn_emulated_bf16
 from capsdist.training.module import CapsNetModule, CheckpointMismatchError
 from capsdist.training.nosync import LoggedThroughput
 from capsdist.training.run import (
@@ -180,6 +180,7 @@ class CapsCLI(PrivateOverrides):
             callbacks.append(LineProgress(config.get("log_every_n_steps") or 50) if plain_log else Bar())
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
+        warn_emulated_bf16(trainer)
         trainer.strategy.checkpoint_io = resume.AtomicCheckpointIO()  # every save: temp file beside it, fsync, rename
         ckpt_path = self._get(self.config_init, "ckpt_path")
         self.lock, self.plan = None, (ckpt_path, "")
