@@ -5,7 +5,7 @@ range checks (``DATA_RULES``) and the resume identity check (``FREE_ON_RESUME``)
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,7 +82,9 @@ def names_of(source: str) -> list[str]:
     return [name for name, s in SETTINGS.items() if source in s.sources]
 
 
-def declare(summary: str, names: list[str], leading: list[inspect.Parameter] = ()) -> Callable[[Callable], Callable]:
+def declare(
+    summary: str, names: list[str], leading: Sequence[inspect.Parameter] = ()
+) -> Callable[[Callable], Callable]:
     """Give a ``(self, **settings)`` method the signature, annotations and Google-style docstring of ``names`` (after
     ``leading`` parameters), so jsonargparse, ``inspect.signature`` and ``help()`` read the table."""
 
