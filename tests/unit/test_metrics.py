@@ -108,3 +108,38 @@ def test_evaluate_reports_the_mean_own_capsule_error_per_digit():
     with torch.no_grad():
         errors = [own_capsule_errors(model.decoder, model(b["image"]).caps, b["labels"], b["recon"]) for b in batches]
     assert result["samples"] == 5 and result["digit_recon_sse"] == pytest.approx(float(torch.cat(errors).mean()))
+
+
+def test_multi_digit_reconstructions_are_scored_against_their_own_digits() -> None:
+    """The K longest capsules come longest first; each is scored against the target of its class, whatever the
+    label order; wrong predictions take the remaining places in order."""
+    from capsdist.model.scoring import pair_with_labels
+
+    selected = torch.tensor([[7, 3], [3, 7], [3, 9], [9, 3], [1, 2]])
+    labels = torch.tensor([[3, 7], [3, 7], [3, 7], [3, 7], [3, 7]])
+    perm = pair_with_labels(selected, labels)
+    assert perm.tolist() == [[1, 0], [0, 1], [0, 1], [1, 0], [0, 1]]
+    paired = selected.gather(1, perm)
+    assert paired[:2].tolist() == [[3, 7], [3, 7]] and paired[2:4, 0].tolist() == [3, 3]
+
+
+def test_validation_loss_scores_each_reconstruction_against_its_own_digit() -> None:
+    """A model that reconstructs each selected digit perfectly has no reconstruction loss, whichever of the two
+    digits is longer: the longest-first reconstructions meet the label-ordered targets by class."""
+    from capsdist.model.capsnet import CapsOutput
+    from capsdist.model.metrics import CapsMetrics
+    from capsdist.model.scoring import eval_batch
+
+    digit = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 4, 4)  # class c's image: all pixels c
+
+    def perfect(image: torch.Tensor, k: int) -> CapsOutput:
+        lengths = torch.tensor([[0.1] * 10]).repeat(2, 1)
+        lengths[0, [3, 7]] = torch.tensor([0.9, 0.8])  # 3 longer than 7
+        lengths[1, [3, 7]] = torch.tensor([0.8, 0.9])  # 7 longer than 3
+        return CapsOutput(torch.zeros(2, 10, 16), lengths, digit[lengths.topk(k, dim=1).indices])
+
+    labels = torch.tensor([[3, 7], [3, 7]])
+    batch = {"image": torch.zeros(2, 1, 4, 4), "labels": labels, "recon": digit[labels]}
+    total, _ = eval_batch(perfect, batch, 1.0, CapsMetrics())
+    margin, _ = eval_batch(perfect, batch, 0.0, CapsMetrics())
+    torch.testing.assert_close(total, margin)  # the reconstruction term is 0
