@@ -169,7 +169,7 @@ class CapsCLI(PrivateOverrides):
             callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
         if config.get("logger") is not False:  # `--trainer.logger false` trains without loggers
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks += [WallClock(), CapsuleDiagnostics(), self.position]
+        callbacks += [WallClock(), CapsuleDiagnostics(), self.position, resume.RecordTrainerSettings()]
         callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(LoggedThroughput(batch_size_fn=batch_images))  # CUDA sync on logging steps only
@@ -220,6 +220,7 @@ class CapsCLI(PrivateOverrides):
                 checkpoint = resume.read_checkpoint(path)
                 model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
                 resume.check_identity(checkpoint, path, model, data)
+                resume.check_trainer(checkpoint, path, resume.trainer_settings(self.trainer))
                 strategy = self.trainer.strategy
                 world = getattr(strategy, "data_parallel_size", None) or self.trainer.world_size
                 workers = self.datamodule.num_workers  # the count the loaders run with (a default resolved)
