@@ -194,7 +194,8 @@ class CapsCLI(PrivateOverrides):
                 self.plan = resume.plan(ckpt_path, root)
         if default_loggers:
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
-            trainer.loggers = run_loggers(root, *wandb, resuming=self.plan[0] is not None)
+            with self._discard_lock_on_error():  # a refused W&B key or stored id leaves the folder as it was
+                trainer.loggers = run_loggers(root, *wandb, resuming=self.plan[0] is not None)
             if self.subcommand != "fit":
                 open_wandb_run(trainer.loggers, root)
         return trainer
