@@ -98,9 +98,9 @@ def test_continuing_a_finished_fit_continues_its_epoch(straight: Path, half: Pat
     [("--data.batch_size=16", "--data.batch_size 32"), ("--data.seed=1", "--data.seed 0"),
      ("--data.max_shift=0", "--data.max_shift 2"), ("--data.train_samples=2048", "--data.train_samples 1024"),
      ("--trainer.devices=2", "resume with 1 processes in all"),
-     ("--trainer.precision=bf16-mixed", "--trainer.precision 32-true"),
-     ("--trainer.accumulate_grad_batches=2 --trainer.gradient_clip_val=1 --trainer.limit_train_batches=8",
-      "--trainer.accumulate_grad_batches 1 --trainer.gradient_clip_val 0.0 --trainer.limit_train_batches 1.0"),
+     ("--trainer.precision=bf16-mixed --trainer.accumulate_grad_batches=2 --trainer.gradient_clip_val=1 "
+      "--trainer.limit_train_batches=8", "--trainer.accumulate_grad_batches 1 --trainer.gradient_clip_val 0.0 "
+      "--trainer.limit_train_batches 1.0 --trainer.precision 32-true"),
      (f"{RUN_ID_FILE}=../..", f"{RUN_ID_FILE} holds '../..\\n', which is not a W&B run id")],
 )  # fmt: skip
 def test_a_resume_that_would_differ_is_refused_and_writes_nothing(half: Path, change: str, fix: str) -> None:
