@@ -59,6 +59,9 @@ class BaseData(pl.LightningDataModule):
     in_channels: int = 1  # input channels, likewise
     num_targets: ClassVar[int] = 2  # digits per image (K)
     in_memory: ClassVar[bool] = False  # batches made from arrays in memory (no loader workers by default)
+    # an epoch is a pass over the samples (MNIST), so train_batches_per_epoch is bounded by them; the other sources
+    # draw or resample, so an epoch of any length exists
+    epoch_reads_each_sample_once: ClassVar[bool] = False
 
     def __init__(self, **settings: Any) -> None:
         """Keep the source's settings (``capsdist.data.settings``: the table declares them, their defaults, help and
@@ -103,6 +106,33 @@ class BaseData(pl.LightningDataModule):
     def _epoch(self) -> int:
         """The trainer's current epoch (restored on resume), 0 without a trainer."""
         return self.trainer.current_epoch if self.trainer else 0
+
+    def train_batches(self, world_size: int) -> int:
+        """Batches per rank in a training epoch, known without loading anything, so that an epoch without a full
+        batch (a batch larger than a rank's share of the samples) is refused naming both before any work."""
+        if self.train_batches_per_epoch and not self.epoch_reads_each_sample_once:
+            return self.train_batches_per_epoch
+        samples, counted_by = self._train_samples()
+        full = samples // (world_size * self.batch_size)
+        ranks = f" on {world_size} ranks ({samples // world_size:,} each)" if world_size > 1 else ""
+        if self.train_batches_per_epoch and self.train_batches_per_epoch > full:
+            raise DataError(
+                f"--data.train_batches_per_epoch {self.train_batches_per_epoch} is more than the training data "
+                f"holds: {samples:,} samples per epoch ({counted_by}){ranks} make {full} full batches of "
+                f"{self.batch_size} per rank, and an epoch reads each sample once. Fix: "
+                f"--data.train_batches_per_epoch {full} or less, or leave it out (an epoch is then every sample once)."
+            )
+        if full < 1:
+            raise DataError(
+                f"--data.batch_size {self.batch_size} is larger than the training data: {samples:,} samples per epoch "
+                f"({counted_by}){ranks} make no full batch, so an epoch would hold none. Fix: --data.batch_size "
+                f"{samples // world_size} or less, or more training samples (--data.train_samples)."
+            )
+        return self.train_batches_per_epoch or full
+
+    def _train_samples(self) -> tuple[int, str]:
+        """(Training samples per epoch, all ranks together; what sets that number), nothing loaded (subclasses)."""
+        raise NotImplementedError
 
     def _stream_batches(self, samples: int | None, default: int, rank_batches: int | None) -> int:
         """Batches per rank per epoch: explicit, else samples / (world * batch)."""
@@ -176,17 +206,25 @@ class MnistData(_MnistArrays):
     image_size = recipe.DIGIT
     num_targets = 1
 
+    epoch_reads_each_sample_once = True
+
     @declare("MNIST from memory.", names_of(MNIST))
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
         self._train_cap = self.train_samples
+
+    def _train_samples(self) -> tuple[int, str]:
+        """The training images in memory: the split, or its first train_samples."""
+        self.check_inputs("fit")  # the splits, loaded once
+        images = len(self._splits["train"][1])
+        return images, "--data.train_samples" if self.train_samples == images else "the MNIST training split"
 
     def train_dataloader(self) -> ResumableLoader:
         """This rank's shifted, shuffled share of the training split (fixed length, resumable)."""
         images, labels = self._splits["train"]
         stream = MnistStream(
             images, labels, self.batch_size, True, max_shift=self.max_shift,
-            num_batches=self.train_batches_per_epoch, draw_only=self.generate_on_device, **self._stream_args(),
+            num_batches=self.train_batches(self._rank()[1]), draw_only=self.generate_on_device, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
 
@@ -209,10 +247,17 @@ class OnTheFlyData(_MnistArrays):
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
 
+    def _train_samples(self) -> tuple[int, str]:
+        """train_samples overlays an epoch, by default as many as the MNIST training split has images."""
+        if self.train_samples:
+            return self.train_samples, "--data.train_samples"
+        self.check_inputs("fit")  # the splits, loaded once
+        return len(self._splits["train"][1]), "the MNIST training split's size"
+
     def train_dataloader(self) -> ResumableLoader:
         """This rank's training stream of fresh overlays (fixed length, resumable)."""
         images, labels = self._splits["train"]
-        n = self._stream_batches(self.train_samples, len(labels), self.train_batches_per_epoch)
+        n = self.train_batches(self._rank()[1])
         stream = OnTheFlyMultiMnist(
             images, labels, self.batch_size, n, draw_only=self.generate_on_device, **self._stream_args()
         )
@@ -271,13 +316,18 @@ class ShardData(BaseData):
         """Resampled training shards, a fixed number of batches per rank (so DDP never hangs)."""
         from capsdist.data.shards import ShardStream  # webdataset (heavy) only on this path
 
-        urls, total = self._training_shards()
-        n = self._stream_batches(total, 0, self.train_batches_per_epoch)
+        urls, _ = self._training_shards()
         stream = ShardStream(
-            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
-            verify=self.verify_shards, sample_format=self._format(), **self._stream_args(),
+            urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer,
+            num_batches=self.train_batches(self._rank()[1]), verify=self.verify_shards, sample_format=self._format(),
+            **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
+
+    def _train_samples(self) -> tuple[int, str]:
+        """train_samples, else the count the manifest.json beside the (local) training shards lists."""
+        total = self._training_shards()[1]  # an epoch that nothing sizes is refused there
+        return total, "--data.train_samples" if self.train_samples else "the shards' manifest.json"
 
     def _format(self) -> MultiMnistFormat | ImageFormat:
         """What the shards hold and how they decode."""
