@@ -140,7 +140,6 @@ class CapsCLI(PrivateOverrides):
             config["weights_only"] = True
         root = run_folder(self._get(config or {}, "trainer", default={}))
         check_run_folder(root)
-        startup.check_writable(root)
         check_run(config or {})
         if config is not None and config.get("ckpt_path") == "best":
             config["ckpt_path"] = str(best_checkpoint(root / "checkpoints"))

@@ -36,6 +36,7 @@ from capsdist.compat.lightning import experiment_started, skip_flat_hparams
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_write, no_follow_opener, refuse_links
 from capsdist.training.resume import JOB_FILE, how_to_resume, rewind_untrained
+from capsdist.training.startup import check_writable
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
 # the links W&B itself keeps in its folder (it replaces them by rename, never writes through them): the only links a
@@ -56,9 +57,10 @@ def run_folder(trainer: Mapping[str, Any]) -> Path:
 
 def check_run_folder(root: Path) -> None:
     """Refuse, before a run writes anything, a run folder whose own files and folders hold a symbolic link (but
-    W&B's own) or a special file: the lock, config.yaml, logs, checkpoints and the W&B id would be written through
-    it (capsdist.core.files)."""
+    W&B's own) or a special file (the lock, config.yaml, logs, checkpoints and the W&B id would be written through
+    it: capsdist.core.files), or that cannot be created or written (capsdist.training.startup)."""
     refuse_links(root, RUN_FILES, WANDB_LINKS)
+    check_writable(root)
 
 
 class LoggedConfig(SaveConfigCallback):
