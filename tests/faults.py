@@ -38,6 +38,30 @@ class KillRankOnce(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalOnce(pl.Callback):
+    """Send this process the real ``signal`` (a number), once (``marker`` is created when it fires): after the
+    training batch that makes ``step`` (``where="train"``), or in the first batch of the validation at ``step``
+    (``where="val"``)."""
+
+    def __init__(self, signal: int, step: int, marker: str, where: str = "train") -> None:
+        self.signal, self.step, self.marker, self.where = signal, step, Path(marker), where
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Signal at the chosen step, if asked to in training."""
+        if self.where == "train":
+            self._fire(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Signal in the chosen validation, if asked to there."""
+        if self.where == "val" and not trainer.sanity_checking:
+            self._fire(trainer)
+
+    def _fire(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), self.signal)
+
+
 def fault_config(path: Path, fault: str, **init_args: Any) -> Path:
     """A config snippet adding the fault callback ``fault`` (a class of this module) to the trainer's callbacks."""
     callback = {"class_path": f"tests.faults.{fault}", "init_args": init_args}

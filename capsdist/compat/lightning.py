@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ThroughputMonitor
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.loops.fit_loop import _FitLoop
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.nn.parallel import DistributedDataParallel
@@ -27,6 +28,13 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether this step's values are written by the loggers (``log_every_n_steps``, or a step a stop makes the
     last): ``trainer._logger_connector.should_update_logs``."""
     return trainer._logger_connector.should_update_logs
+
+
+def log_step_values(trainer: pl.Trainer) -> None:
+    """Hand this step's logged values to the loggers now, as the training loop does after the step's
+    ``on_train_batch_end`` hooks (``_logger_connector.on_batch_end``, ``update_train_step_metrics``)."""
+    trainer._logger_connector.on_batch_end()
+    trainer._logger_connector.update_train_step_metrics()
 
 
 def skip_flat_hparams(obj: pl.LightningModule | pl.LightningDataModule) -> None:
@@ -56,6 +64,24 @@ def loops_state(trainer: pl.Trainer) -> dict[str, Any]:
 def hpc_save_path(trainer: pl.Trainer, folder: str) -> str:
     """The next ``hpc_ckpt_N.ckpt`` path in ``folder``, as Lightning names SLURM checkpoints."""
     return trainer._checkpoint_connector.hpc_save_path(folder)
+
+
+class _FitLoopRedoingValidation(_FitLoop):
+    """``_FitLoop`` whose ``done`` (Lightning 2.6.6: true once max_steps is reached, checked before the epoch loop
+    runs) waits for a validation pass the checkpoint was saved in the middle of."""
+
+    @property
+    def done(self) -> bool:
+        progress, val_loop = self.epoch_loop.val_loop.batch_progress.total, self.epoch_loop.val_loop
+        mid_validation = val_loop.restarting and progress.ready == progress.started == progress.processed + 1
+        return super().done and not (mid_validation and progress.completed == progress.processed)
+
+
+def redo_final_validation(trainer: pl.Trainer) -> None:
+    """Let a fit resumed from a checkpoint saved during its last validation (at max_steps) go back into that pass
+    as it does for any other: Lightning's fit loop would end at once (``_FitLoop.done``)."""
+    if type(trainer.fit_loop) is _FitLoop:
+        trainer.fit_loop.__class__ = _FitLoopRedoingValidation
 
 
 def plain_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -107,11 +107,12 @@ class ResumableLoader(DataLoader):
         return int(getattr(self.dataset, "world_size", 1))
 
     def state_dict(self) -> dict[str, int]:
-        """Where the current epoch stands, and the placement (world size, workers) it was counted under."""
+        """Where the current epoch stands (a loaded state not yet iterated from included), and the placement
+        (world size, workers) it was counted under."""
+        position = self._pending or {"epoch": self.epoch, "batches": self.batches}
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "batches": self.batches,
+            **position,
             "world_size": self._world_size(),
             "num_workers": self.num_workers,
         }

@@ -354,7 +354,8 @@ class EpochPosition(Checkpoint):
     snapshot, best, the final last.ckpt) would record the next epoch, and `--ckpt_path last` with a larger
     max_steps would skip the rest of this one. Those saves get the loop state of the last training batch
     instead (what a snapshot at that batch holds; a resume from it is exact). ``trained`` says whether this
-    process took any step (a resumed fit with nothing left to do writes no new last.ckpt).
+    process took any step or validated (a resumed fit with nothing left to do writes no new last.ckpt; one that
+    redid the validation it was stopped in does).
     """
 
     def __init__(self) -> None:
@@ -373,6 +374,10 @@ class EpochPosition(Checkpoint):
         if stops_mid_epoch(trainer):
             self.loops = loops_state(trainer)
             self.step = trainer.global_step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A validation pass of the fit (not the sanity check) changes the state too (metrics, best checkpoint)."""
+        self.trained = self.trained or not trainer.sanity_checking
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A save at the step the fit stopped at mid-epoch records that batch's loop state."""

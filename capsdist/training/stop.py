@@ -34,7 +34,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist.cluster import signals
 from capsdist.cluster.signals import INTERRUPT, REQUEUE, TERMINATE
-from capsdist.compat.lightning import hpc_save_path
+from capsdist.compat.lightning import hpc_save_path, log_step_values, redo_final_validation
 from capsdist.training.nosync import agree_max
 from capsdist.training.resume import how_to_resume, job_id, remove_stale_hpc
 from capsdist.training.run import finish_wandb
@@ -80,9 +80,11 @@ class GracefulStop(pl.Callback):
         self._val_progress: dict | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Own the signals while fitting (the CLI installed them already; Lightning then leaves them alone)."""
+        """Own the signals while fitting (the CLI installed them already; Lightning then leaves them alone); a fit
+        resumed from a stop during its last validation redoes that pass (:func:`_redo_validation`)."""
         if stage == "fit":
             signals.install()
+            redo_final_validation(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Honour a stop that came during setup or the sanity check: leave before the first step."""
@@ -110,9 +112,12 @@ class GracefulStop(pl.Callback):
             self._stop(trainer, request, save=self.trained and not trainer.sanity_checking)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember how long validation took."""
+        """Remember how long validation took; a completed pass has no batch in flight (a redone one, see
+        :func:`_redo_validation`, would otherwise keep its first batch counted twice and look interrupted again)."""
         if not trainer.sanity_checking:
             self.val_seconds = time.monotonic() - self._val_started
+            total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+            total.ready = total.started = total.processed
         self._val_progress = None
 
     def on_train_batch_end(
@@ -123,7 +128,18 @@ class GracefulStop(pl.Callback):
         if self.job_end is not None and self.job_end - time.time() < self.lead_s + self.val_seconds:
             signals.raise_request(REQUEUE)
         if request := self._agreed():
+            self._end_step(trainer, pl_module, outputs, batch, batch_idx)
             self._stop(trainer, request)
+
+    def _end_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *hook_args: Any) -> None:
+        """Finish the stopping step as the loop would have (its later callbacks' and the module's
+        ``on_train_batch_end``, its values to the loggers, a stop making it a logging step): the history has no gap."""
+        trainer.should_stop = True
+        later = trainer.callbacks[trainer.callbacks.index(self) + 1 :]
+        for callback in later:
+            callback.on_train_batch_end(trainer, pl_module, *hook_args)
+        pl_module.on_train_batch_end(*hook_args)
+        log_step_values(trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written during validation resumes by redoing that validation pass."""

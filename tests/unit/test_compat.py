@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import ThroughputMonitor
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loops.fit_loop import _FitLoop
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from capsdist.compat import dcp, lightning
@@ -36,10 +37,13 @@ def test_lightning_private_attributes_exist() -> None:
     for owner, name in [
         (trainer, "_logger_connector"),
         (trainer._logger_connector, "should_update_logs"),
+        (trainer._logger_connector, "on_batch_end"),
+        (trainer._logger_connector, "update_train_step_metrics"),
         (trainer, "_checkpoint_connector"),
         (trainer._checkpoint_connector, "_get_loops_state_dict"),
         (trainer._checkpoint_connector, "hpc_save_path"),
         (trainer.fit_loop, "_can_stop_early"),
+        (trainer.fit_loop.epoch_loop.val_loop.batch_progress.total, "processed"),
         (trainer.fit_loop.epoch_loop, "_num_ready_batches_reached"),
         (pl.LightningModule(), "_log_hyperparams"),
         (pl.LightningDataModule(), "_log_hyperparams"),
@@ -54,7 +58,7 @@ def test_lightning_private_attributes_exist() -> None:
 @pytest.mark.parametrize(
     ("base", "method"),
     [(LightningCLI, "_parse_ckpt_path"), (FSDPStrategy, "_setup_model"), (DDPStrategy, "_setup_model"),
-     (ThroughputMonitor, "_update")],
+     (ThroughputMonitor, "_update"), (_FitLoop, "done")],
 )  # fmt: skip
 def test_lightning_private_methods_capsdist_overrides_exist(base: type, method: str) -> None:
     """An override of a method the base no longer has would silently never run."""
