@@ -1,6 +1,24 @@
-"""`python -m capsdist.train` (`capsdist-train`): the service's entry point; the CLI lives in capsdist.training.cli."""
+"""`python -m capsdist.train` (`capsdist-train`): the service's entry point; the CLI lives in capsdist.training.cli.
 
-from capsdist.training.cli import main
+The job's signals are taken first, before the seconds of imports: a stop that lands before the fit begins ends the
+process at once, saying so, with the stop's exit code (capsdist.cluster.signals, capsdist.cluster.requeue).
+"""
+
+import sys
+
+from capsdist.cluster import requeue, signals
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the training CLI (capsdist.training.cli.main); a stop during startup leaves at once, nothing saved."""
+    try:
+        signals.install(at_once=True)
+        from capsdist.training.cli import main as cli_main  # the slow imports, after the handlers
+
+        cli_main(args)
+    except signals.StopRequested as stop:
+        sys.exit(requeue.leave_at_startup(stop.request))
+
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,12 @@
 """The job's stop signals as a flag: SIGUSR1 (time limit), SIGTERM (preemption, requeue, scancel), Ctrl-C.
 
-Lightweight on purpose (no torch): the training CLI installs the flag-only handlers first thing, before the slow
-imports and setup, so a signal that lands during startup is recorded instead of killing the task with the
-default action (SLURM may send ``--signal=USR1@N`` up to a minute early). capsdist.training.stop reads the flag at the
-step boundaries, during validation and before the first step. DataLoader workers and W&B's service ignore the
+Lightweight on purpose (no torch): the training CLI (capsdist.train) installs the handlers first thing, before the
+slow imports and setup, so a signal that lands during startup does not kill the task with the default action
+(SLURM may send ``--signal=USR1@N`` up to a minute early; USR1's default action would fail the job instead of
+requeueing it). Until the fit begins (``defer``) nothing can be lost and no rank is in a collective, so the
+handler stops at once by raising :class:`StopRequested` (the CLI leaves through capsdist.cluster.requeue); from then
+on it only records the request, and capsdist.training.stop reads the flag at the step boundaries, during
+validation and before the first step. DataLoader workers and W&B's service ignore the
 job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield): slurmstepd signals every process of the step, and
 only the main process may decide how the run stops.
 """
@@ -24,26 +27,50 @@ from typing import Any
 REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
-_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False}
+_state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False, "at_once": False}
+
+
+class StopRequested(BaseException):
+    """A job signal during startup (``install(at_once=True)`` until ``defer``): leave now. A BaseException, like
+    KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
+
+    def __init__(self, request: int) -> None:
+        super().__init__(request)
+        self.request = request
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
-    """Only record the request: no collective or I/O may run inside a handler (module docstring)."""
+    """Record the request; during startup also leave at once. No collective or I/O may run inside a handler
+    (module docstring)."""
     _state["request"] = max(_state["request"], _KINDS[signal.Signals(signum)])
     if signum == signal.SIGINT:  # a second Ctrl-C stops at once
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _state["at_once"]:
+        _state["at_once"] = False  # once: the way out must not be interrupted by a second signal
+        raise StopRequested(_state["request"])
 
 
-def install(for_process: bool = False) -> None:
+def install(for_process: bool = False, at_once: bool = False) -> None:
     """Own the job's signals with the flag-only handler (idempotent; a no-op outside the main thread).
     ``for_process``: for the rest of the process (the training CLI), so ``restore`` keeps them: the end-of-fit
-    work after the trainer's teardown must not die of a late USR1 either."""
+    work after the trainer's teardown must not die of a late USR1 either. ``at_once``: until :func:`defer`, a
+    signal raises :class:`StopRequested` (a pending request does so now)."""
     if threading.current_thread() is not threading.main_thread():
         return
     _state["for_process"] = _state["for_process"] or for_process
+    _state["at_once"] = _state["at_once"] or at_once
+    if _state["at_once"] and _state["request"]:
+        _state["at_once"] = False
+        raise StopRequested(_state["request"])
     for sig in JOB_SIGNALS:
         if signal.getsignal(sig) is not _record and not (sig == signal.SIGINT and _state["request"]):
             _state["previous"].setdefault(sig, signal.signal(sig, _record))
+
+
+def defer() -> None:
+    """From now on only record the job's signals (the fit has begun: capsdist.training.stop honours them); a request
+    recorded while a library held the startup's :class:`StopRequested` back is honoured there too."""
+    _state["at_once"] = False
 
 
 def restore() -> None:
@@ -54,7 +81,7 @@ def restore() -> None:
     for sig, previous in _state["previous"].items():
         signal.signal(sig, previous)
     _state["previous"].clear()
-    _state["request"] = 0
+    _state["request"], _state["at_once"] = 0, False
 
 
 def request() -> int:

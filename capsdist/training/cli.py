@@ -235,6 +235,7 @@ class CapsCLI(PrivateOverrides):
                 outcome = f"{how} from {path} at step {step}"
         if self.lock is not None:
             self.lock.record_pid()
+        signals.defer()  # the fit begins: a stop is honoured at its boundaries from here (capsdist.training.stop)
         resume.init_restarted_process_group(self.trainer)
         if self.trainer.is_global_zero:
             resume.claim(root)

@@ -29,6 +29,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
 from capsdist.checkpoint.sharded import OLD, read_full, read_meta
+from capsdist.cluster.requeue import job_id
 from capsdist.compat.lightning import loops_state, stops_mid_epoch
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_save, atomic_write
@@ -140,14 +141,6 @@ def resolve(ckpt_path: str, root: str | Path) -> tuple[Path, int]:
             "of a .ckpt that training wrote."
         )
     return path, int(read_checkpoint(path).get("global_step", 0))
-
-
-def job_id() -> str | None:
-    """This SLURM job's id (``<array job>_<task>`` for an array task), or None outside a SLURM batch job."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def launch_id() -> str | None:

@@ -10,7 +10,7 @@ the signal lands:
   - before the first step (setup, sanity check, ``on_train_start``): nothing new to save; just leave;
   - during the end-of-fit work: the final state is saved as usual, the optional figures are skipped.
 Then W&B is marked preempting and finished (its service survives the signal: capsdist.cluster.wandb_shield), the summary
-line printed, and the process exits with a code that says why (:data:`EXIT_CODES`), so a supervisor never
+line printed, and the process exits with a code that says why (capsdist.cluster.requeue), so a supervisor never
 mistakes a stopped run for a finished one. On SIGUSR1 the job is requeued: by the batch script when it runs
 under capsdist's templates (they requeue on the tasks' request from the host, where ``scontrol`` exists even when
 the tasks run in a container), else by rank 0's ``scontrol requeue``. SIGTERM is never requeued from here: SLURM
@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -33,15 +31,12 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist.cluster import signals
-from capsdist.cluster.signals import INTERRUPT, REQUEUE, TERMINATE
+from capsdist.cluster.requeue import NAMES, leave
+from capsdist.cluster.signals import INTERRUPT, REQUEUE
 from capsdist.compat.lightning import hpc_save_path, log_step_values, redo_final_validation
 from capsdist.training.nosync import agree_max
-from capsdist.training.resume import how_to_resume, job_id, remove_stale_hpc
+from capsdist.training.resume import how_to_resume, remove_stale_hpc
 from capsdist.training.run import finish_wandb
-
-# exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
-EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
-NAMES = {REQUEUE: "requeue (SIGUSR1 or time limit)", INTERRUPT: "Ctrl-C (SIGINT)", TERMINATE: "SIGTERM"}
 
 
 class TrainingStopped(SystemExit):
@@ -164,20 +159,10 @@ class GracefulStop(pl.Callback):
             path = self.interrupted.resolve()
         if path is not None:
             trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
-        code = EXIT_CODES[request]
-        if request != INTERRUPT and os.environ.get("CAPSDIST_REQUEUE") == "batch":
-            # under the templates the batch script sets the job's exit from the marks rank 0 leaves (slurm/launch.sh):
-            # the tasks end 0, so a routine requeue's step reads COMPLETED in sacct, not FAILED 75 or 143; a SIGTERM
-            # to the steps alone still fails the job through this mark (its code, 143, is the batch script's)
-            if trainer.is_global_zero and request == TERMINATE and os.environ.get("CAPSDIST_STOP_MARK"):
-                Path(os.environ["CAPSDIST_STOP_MARK"]).touch()
-            code = 0
-        note = ""
+        if trainer.is_global_zero and path and under_slurm:
+            remove_stale_hpc(path.parent, trainer.global_step + 1, keep=path)
+        code, note = leave(request, trainer.is_global_zero, under_slurm)  # marks, requeue (capsdist.cluster.requeue)
         if trainer.is_global_zero:
-            if path and under_slurm:
-                remove_stale_hpc(path.parent, trainer.global_step + 1, keep=path)
-            if request == REQUEUE:
-                note, code = self._requeue(under_slurm)
             where = "during validation, " if trainer.validating and not trainer.sanity_checking else ""
             saved = f"saved {path} at step {trainer.global_step}" if path else "nothing new to save (no step taken)"
             rank_zero_info(
@@ -193,25 +178,6 @@ class GracefulStop(pl.Callback):
         except Exception as err:
             rank_zero_warn(f"capsdist: the W&B run was not finished cleanly ({err}); its local files are kept")
         raise TrainingStopped(code)
-
-    def _requeue(self, under_slurm: bool) -> tuple[str, int]:
-        """Requeue this job if we are the ones to; returns a log note and the exit code."""
-        job = job_id()
-        if not under_slurm or not job:
-            return "not under SLURM: nothing to requeue", EXIT_CODES[REQUEUE]
-        if os.environ.get("CAPSDIST_REQUEUE") == "batch":  # the mark is what the batch script reads: exit 0
-            if os.environ.get("CAPSDIST_REQUEUE_MARK"):
-                Path(os.environ["CAPSDIST_REQUEUE_MARK"]).touch()
-            return f"the batch script requeues job {job}", 0
-        if shutil.which("scontrol") is None:
-            rank_zero_warn(
-                "capsdist: no `scontrol` in the task environment (a container?): cannot requeue from here. "
-                f"Exiting with {EXIT_CODES[REQUEUE]}; requeue from the batch script as slurm/launch.sh does, or "
-                f"have the site requeue that code (slurm.conf RequeueExit={EXIT_CODES[REQUEUE]})."
-            )
-            return "no scontrol to requeue with", EXIT_CODES[REQUEUE]
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        return f"`scontrol requeue {job}` -> {result.returncode} {result.stderr.strip()}", EXIT_CODES[REQUEUE]
 
 
 def _redo_validation(checkpoint: dict, before: dict) -> None:

@@ -1,18 +1,26 @@
-"""The stop's edge cases (issue 28 item 7), in-process with the tiny model: a stop in the fit's last validation
-resumes into it, and the stopping step's values reach the CSV and W&B (no gap in the history)."""
+"""The stop's edge cases (issue 28 item 7), in-process with the tiny model where they can be: a stop in the fit's
+last validation resumes into it, the stopping step's values reach the CSV and W&B (no gap in the history), and a
+stop during startup (imports, the checkpoint's reading) ends the process at once with the stop's exit code."""
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from capsdist import train
 from capsdist.cluster import signals
+from capsdist.training import resume
 from capsdist.training.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, subprocess_env
 from tests.faults import fault_config
 from tests.wandb_records import read_run, wandb_files
 
@@ -95,3 +103,59 @@ def test_the_stopping_steps_values_reach_csv_and_wandb(straight: Path, tmp_path:
     for steps in (csv_steps, wandb_steps):
         assert steps(root, "train/loss") == steps(straight, "train/loss") == [0, 1, 2]
     assert same(state(root / "checkpoints/last.ckpt"), state(straight / "checkpoints/last.ckpt"))
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1)
+
+
+def test_usr1_before_the_imports_finish_leaves_at_once_for_requeue(tmp_path: Path) -> None:
+    """SIGUSR1 (SLURM's early time-limit warning) while `python -m capsdist.train` still imports torch: not the
+    default action's death (exit 138, a FAILED job), but the stop convention at once: under the templates rank 0
+    leaves the requeue mark and exits 0, saying that nothing was saved; nothing is written in the run folder."""
+    mark, root = tmp_path / "requeue-mark", tmp_path / "run"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "capsdist",
+             "CAPSDIST_REQUEUE": "batch", "CAPSDIST_REQUEUE_MARK": str(mark)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "capsdist.train", "fit", *RUN, f"--trainer.default_root_dir={root}"],
+                            env=subprocess_env(**slurm), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not _catches(proc.pid, signal.SIGUSR1):
+        time.sleep(0.005)
+    importing = "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert importing and time.monotonic() - sent < 5
+    assert proc.returncode == 0 and mark.exists(), err[-2000:]
+    assert "during startup, before any training step -> stopped at once, nothing saved" in err
+    assert "the batch script requeues job 7 (exit code 0)" in err and "Traceback" not in err
+    assert not root.exists()
+
+
+def test_sigterm_while_reading_the_checkpoint_leaves_at_once(
+    straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """SIGTERM while the resume reads the checkpoint (capsdist's full read, before the fit): the entry point
+    leaves at once with the stop's code (143), says nothing was saved, and the run folder is as it was (its lock
+    file included)."""
+    root = tmp_path / "run"
+    shutil.copytree(straight, root)
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    read = resume.read_checkpoint
+
+    def read_under_sigterm(path: Path) -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return read(path)
+
+    monkeypatch.setattr(resume, "read_checkpoint", read_under_sigterm)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.main(["fit", *RUN, f"--trainer.default_root_dir={root}", "--ckpt_path=last",
+                        "--trainer.max_steps=4"])  # fmt: skip
+    finally:
+        signals.restore()
+    err = capsys.readouterr().err
+    assert stop.value.code == 143 and "SIGTERM during startup, before any training step" in err
+    assert "nothing saved" in err and "saved /" not in err
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
