@@ -4,7 +4,7 @@
 # Stops (docs/scaling.md, "SLURM"): the tasks save at the next step boundary on SIGUSR1 or SIGTERM
 # (capsdist.training.stop). The templates ask for `--signal=B:USR1@N`: only this shell gets the time-limit warning and
 # forwards it to the tasks through srun (all-task `--signal=USR1@N` works too, but also reaches loader workers
-# and W&B's service, and leaves this shell unaware). When the tasks saved for a requeue (rank 0 leaves the
+# and W&B's service, and leaves this shell unaware). When the tasks stopped for a requeue (rank 0 leaves the
 # requeue mark and every task ends 0; exit 75 from a task outside the templates means the same) this shell, on
 # the host where scontrol exists, requeues the job (at most CAPSDIST_MAX_REQUEUES times) and exits 0, so the
 # routine requeue is not a FAILED line in sacct; a SIGTERM from SLURM (requeue, preemption) also ends it with 0.
@@ -53,13 +53,38 @@ if ((gpus > 0 && gpus != SLURM_NTASKS_PER_NODE)); then
     "GPU, so the others would sit idle. Fix: pass --ntasks-per-node=${gpus} with --gpus-per-node=${gpus}." >&2
   exit 2
 fi
-# A login shell's leftovers must not point the ranks at another job's rendezvous: Lightning derives the address
-# from the node list. The port is one that is free on this (the first, rank 0's) node now, unless
-# CAPSDIST_MASTER_PORT is set: Lightning's own choice (15000 + the job id's last 4 digits) collides for two jobs
-# on one node whose ids end alike.
-unset MASTER_ADDR MASTER_PORT
-MASTER_PORT=${CAPSDIST_MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0))
-print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + SLURM_JOB_ID % 20000)))}
+# The rendezvous: rank 0 runs on this, the first, node. A MASTER_ADDR exported by the user is kept when it is an
+# address of this node (its InfiniBand name, say, to choose the network), with MASTER_PORT if given. One left
+# over from elsewhere (a login shell, another job) names another host and is dropped, with its MASTER_PORT, so it
+# cannot point the ranks at a dead rendezvous: Lightning then derives the address from the node list. The port is
+# then CAPSDIST_MASTER_PORT, else one free on this node now (Lightning's own, 15000 + the job id's last 4 digits,
+# collides for two jobs on one node whose ids end alike).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+    echo $((20000 + SLURM_JOB_ID % 20000))
+}
+this_node() {  # whether $1 is an address of this host (loopback only for a one-node job)
+  python3 - "$1" "${SLURM_NNODES:-1}" 2>/dev/null <<'PY'
+import ipaddress, socket, sys
+address = socket.gethostbyname(sys.argv[1])
+if ipaddress.ip_address(address).is_loopback and int(sys.argv[2]) > 1:
+    sys.exit(1)
+socket.socket().bind((address, 0))
+PY
+}
+if [[ -n "${MASTER_ADDR:-}" ]] && this_node "${MASTER_ADDR}"; then
+  MASTER_PORT=${MASTER_PORT:-${CAPSDIST_MASTER_PORT:-$(free_port)}}
+  echo "capsdist: rendezvous at the exported MASTER_ADDR=${MASTER_ADDR}, port ${MASTER_PORT}"
+  export MASTER_ADDR
+else
+  if [[ -n "${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
+    echo "capsdist: ignoring MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-} from the submitting" \
+      "environment: not an address of this job's first node ($(hostname)); export one of its names or addresses" \
+      "to choose the rendezvous interface"
+  fi
+  unset MASTER_ADDR
+  MASTER_PORT=${CAPSDIST_MASTER_PORT:-$(free_port)}
+fi
 export MASTER_PORT
 # The remaining-time check: stop (and requeue) before a validation pass that would end past the time limit. The
 # lead is the job's own --signal time (what the site or the user asked for), unless CAPSDIST_STOP_LEAD_S is set.
@@ -67,11 +92,27 @@ end=$(squeue -h -j "${SLURM_JOB_ID}" -o %e 2>/dev/null || true)
 CAPSDIST_JOB_END=$(date -d "${end}" +%s 2>/dev/null || true)
 signal_s=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'Signal=[A-Z0-9:]*@[0-9]*' | cut -d@ -f2 || true)
 export CAPSDIST_JOB_END CAPSDIST_STOP_LEAD_S=${CAPSDIST_STOP_LEAD_S:-${signal_s:-90}} CAPSDIST_REQUEUE=batch
-# Rank 0 (srun places it on this, the first, node) leaves this file when it saved for a requeue: the exit status
-# alone is not enough, srun reports the highest code of all tasks.
+# A time limit that leaves no time to train before the stop warning would requeue the job over and over with
+# nothing saved: refuse it before anything starts. A run needs the lead plus about a minute (start, one step, save).
+min_run_s=60
+if [[ -n "${CAPSDIST_JOB_END}" ]]; then
+  left=$((CAPSDIST_JOB_END - $(date +%s)))
+  if ((left < CAPSDIST_STOP_LEAD_S + min_run_s)); then
+    shorter=$((left - min_run_s))
+    echo "capsdist: error: job ${SLURM_JOB_ID} has ${left} s until its time limit, but the tasks stop for a requeue" \
+      "${CAPSDIST_STOP_LEAD_S} s before it (the job's --signal=...@${CAPSDIST_STOP_LEAD_S}, or CAPSDIST_STOP_LEAD_S) and a" \
+      "run needs about ${min_run_s} s more to start, train a step and save: the job would be stopped before it" \
+      "trained and requeued again and again with nothing saved. Nothing was started or written. Fix: sbatch" \
+      "--time=$(((CAPSDIST_STOP_LEAD_S + min_run_s + 59) / 60)) (minutes) or more$( ((shorter >= 10)) &&
+        echo ", or a shorter warning, --signal=B:USR1@${shorter} (enough to save a checkpoint?)")." >&2
+    exit 2
+  fi
+fi
+# Rank 0 (srun places it on this, the first, node) leaves this file, holding what it saved, when it stopped for a
+# requeue: the exit status alone is not enough, srun reports the highest code of all tasks.
 export CAPSDIST_REQUEUE_MARK="${TMPDIR:-/tmp}/capsdist-requeue-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
 rm -f "${CAPSDIST_REQUEUE_MARK}"
-# ... and this one when the tasks saved on SIGTERM (they then exit 0; this script decides the job's exit below)
+# ... and this one when the tasks stopped on SIGTERM (they then exit 0; this script decides the job's exit below)
 export CAPSDIST_STOP_MARK="${TMPDIR:-/tmp}/capsdist-stop-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
 rm -f "${CAPSDIST_STOP_MARK}"
 echo "capsdist: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
@@ -90,23 +131,25 @@ while true; do  # a trapped signal interrupts `wait`; wait again until srun has 
   if ! kill -0 "${tasks}" 2>/dev/null; then break; fi
 done
 if [[ "${status}" == 75 || -f "${CAPSDIST_REQUEUE_MARK}" ]]; then
+  said=$(cat "${CAPSDIST_REQUEUE_MARK}" 2>/dev/null || true)  # what rank 0 saved, in its words
   rm -f "${CAPSDIST_REQUEUE_MARK}"
   if ((${SLURM_RESTART_COUNT:-0} >= max_requeues)); then
-    echo "capsdist: error: the tasks saved for a requeue, but job ${SLURM_JOB_ID} was requeued" \
-      "${SLURM_RESTART_COUNT} times already (CAPSDIST_MAX_REQUEUES=${max_requeues}): resubmit it with" \
+    echo "capsdist: error: the tasks stopped for a requeue (${said:-exit 75}), but job ${SLURM_JOB_ID} was" \
+      "requeued ${SLURM_RESTART_COUNT} times already (CAPSDIST_MAX_REQUEUES=${max_requeues}): resubmit it with" \
       "--ckpt_path last" >&2
     exit 75
   fi
-  echo "capsdist: the tasks saved and asked to be requeued: scontrol requeue ${SLURM_JOB_ID}"
+  echo "capsdist: the tasks stopped for a requeue (${said:-exit 75}): scontrol requeue ${SLURM_JOB_ID}"
   scontrol requeue "${SLURM_JOB_ID}" && exit 0
 fi
-# SLURM's own SIGTERM (requeue, preemption, scancel): the tasks saved; SLURM records the job's state itself
-stopped=""
-if [[ -f "${CAPSDIST_STOP_MARK}" ]]; then stopped=1; rm -f "${CAPSDIST_STOP_MARK}"; fi
+# SLURM's own SIGTERM (requeue, preemption, scancel): the tasks stopped; SLURM records the job's state itself
+said=""
+if [[ -f "${CAPSDIST_STOP_MARK}" ]]; then said=$(cat "${CAPSDIST_STOP_MARK}"); said=${said:-stopped}; fi
+rm -f "${CAPSDIST_STOP_MARK}"
 if [[ -n "${terminated}" ]]; then exit 0; fi
-# a SIGTERM that reached the tasks but not this shell (`scancel --signal=TERM`): saved, but not finished
-if [[ -n "${stopped}" ]]; then
-  echo "capsdist: the tasks saved on SIGTERM and stopped early; the job exits 143 so that it does not look finished" \
+# a SIGTERM that reached the tasks but not this shell (`scancel --signal=TERM`): stopped, but not finished
+if [[ -n "${said}" ]]; then
+  echo "capsdist: the tasks stopped on SIGTERM (${said}); the job exits 143 so that it does not look finished" \
     "(resubmit with --ckpt_path last)" >&2
   exit 143
 fi

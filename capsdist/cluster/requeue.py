@@ -25,29 +25,30 @@ def job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def leave(request: int, rank_zero: bool, under_slurm: bool) -> tuple[int, str]:
-    """The exit code for ``request`` and a note for the log, after leaving the marks (rank 0) and requeueing (rank
-    0, on SIGUSR1). Under the templates (``CAPSDIST_REQUEUE=batch``) the tasks end 0 and the batch script sets the
-    job's exit from the marks: a routine requeue's step reads COMPLETED in sacct, not FAILED 75 or 143; a SIGTERM
-    to the steps alone still fails the job through the stop mark (its code, 143, is the batch script's)."""
+def leave(request: int, rank_zero: bool, under_slurm: bool, said: str) -> tuple[int, str]:
+    """The exit code for ``request`` and a note for the log, after leaving the marks (rank 0; they hold ``said``,
+    what was saved, for the batch script's log line) and requeueing (rank 0, on SIGUSR1). Under the templates
+    (``CAPSDIST_REQUEUE=batch``) the tasks end 0 and the batch script sets the job's exit from the marks: a
+    routine requeue's step reads COMPLETED in sacct, not FAILED 75 or 143; a SIGTERM to the steps alone still
+    fails the job through the stop mark (its code, 143, is the batch script's)."""
     code, note = EXIT_CODES[request], ""
     if request != INTERRUPT and os.environ.get("CAPSDIST_REQUEUE") == "batch":
         if rank_zero and request == TERMINATE and os.environ.get("CAPSDIST_STOP_MARK"):
-            Path(os.environ["CAPSDIST_STOP_MARK"]).touch()
+            Path(os.environ["CAPSDIST_STOP_MARK"]).write_text(said)
         code = 0
     if rank_zero and request == REQUEUE:
-        note, code = _requeue(under_slurm)
+        note, code = _requeue(under_slurm, said)
     return code, note
 
 
-def _requeue(under_slurm: bool) -> tuple[str, int]:
+def _requeue(under_slurm: bool, said: str) -> tuple[str, int]:
     """Requeue this job if we are the ones to; returns a log note and the exit code."""
     job = job_id()
     if not under_slurm or not job:
         return "not under SLURM: nothing to requeue", EXIT_CODES[REQUEUE]
     if os.environ.get("CAPSDIST_REQUEUE") == "batch":  # the mark is what the batch script reads: exit 0
         if os.environ.get("CAPSDIST_REQUEUE_MARK"):
-            Path(os.environ["CAPSDIST_REQUEUE_MARK"]).touch()
+            Path(os.environ["CAPSDIST_REQUEUE_MARK"]).write_text(said)
         return f"the batch script requeues job {job}", 0
     if shutil.which("scontrol") is None:
         print(
@@ -67,7 +68,8 @@ def leave_at_startup(request: int) -> int:
     and whether this is an srun task come from the environment, as Lightning reads them."""
     rank_zero = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0"
     srun_task = "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
-    code, note = leave(request, rank_zero, srun_task)
+    said = "nothing saved: stopped during startup, before any training step"
+    code, note = leave(request, rank_zero, srun_task, said)
     if rank_zero:
         print(f"capsdist: {NAMES[request]} during startup, before any training step -> stopped at once, nothing "
               f"saved (nothing trained in this process); {note or 'exiting'} (exit code {code})", file=sys.stderr,

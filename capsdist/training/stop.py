@@ -161,10 +161,10 @@ class GracefulStop(pl.Callback):
             trainer.save_checkpoint(path, weights_only=False)  # returns on every rank once the file is complete
         if trainer.is_global_zero and path and under_slurm:
             remove_stale_hpc(path.parent, trainer.global_step + 1, keep=path)
-        code, note = leave(request, trainer.is_global_zero, under_slurm)  # marks, requeue (capsdist.cluster.requeue)
+        where = "during validation, " if trainer.validating and not trainer.sanity_checking else ""
+        saved = f"saved {path} at step {trainer.global_step}" if path else "nothing new to save (no step taken)"
+        code, note = leave(request, trainer.is_global_zero, under_slurm, saved)  # marks, requeue
         if trainer.is_global_zero:
-            where = "during validation, " if trainer.validating and not trainer.sanity_checking else ""
-            saved = f"saved {path} at step {trainer.global_step}" if path else "nothing new to save (no step taken)"
             rank_zero_info(
                 f"capsdist: {NAMES[request]} -> {where}{saved} in {time.monotonic() - started:.1f} s; "
                 f"{note or 'exiting'} (exit code {code})"

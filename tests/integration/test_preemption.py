@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.scale_probe import probe_config, records, train_env, write_yaml
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, free_port
 from tests.slurm_jobs import (
     BATCH,
     MAX_STEPS,
@@ -217,6 +217,27 @@ def test_template_folder_per_array_task_cpus_and_no_stale_rendezvous(
     assert folders[0].startswith("runs/arr-")
 
 
+def test_template_keeps_an_exported_rendezvous_of_its_node(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """MASTER_ADDR/MASTER_PORT exported by the user, naming this (the first) node, reach the tasks as they are
+    (a stub in place of Python records them), and the log says so."""
+    stub = tmp_path / "stub.sh"
+    stub.write_text('#!/bin/bash\nenv > "$STUB_OUT/task.env"\n')
+    stub.chmod(0o755)
+    config, port = write_yaml(tmp_path / "tiny.yaml", SLURM_CONFIG), str(free_port())
+    env = {k: v for k, v in train_env().items() if k != "CAPSDIST_MASTER_PORT"}
+    env |= {"CAPSDIST_HOME": str(REPO), "CAPSDIST_PYTHON": str(stub), "STUB_OUT": str(tmp_path),
+            "MASTER_ADDR": slurm_cluster.node, "MASTER_PORT": port}  # fmt: skip
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "single_node.sbatch", str(config), env=env,
+        options=["--job-name=rdv", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                 f"--chdir={tmp_path}"],
+    )  # fmt: skip
+    assert slurm_cluster.wait_for_state(job, [], timeout=120) == "COMPLETED"
+    task_env = dict(line.split("=", 1) for line in (tmp_path / "task.env").read_text().splitlines() if "=" in line)
+    assert (task_env["MASTER_ADDR"], task_env["MASTER_PORT"]) == (slurm_cluster.node, port)
+    assert f"rendezvous at the exported MASTER_ADDR={slurm_cluster.node}, port {port}" in job_log(tmp_path, "rdv", job)
+
+
 def test_more_gpus_than_tasks_is_an_error(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """2 GPUs per node with 1 task per node would leave a GPU idle: the template refuses with the fix (the test
     node has no GPUs, so the allocation's SLURM_GPUS_ON_NODE is given through the job environment)."""
@@ -229,6 +250,24 @@ def test_more_gpus_than_tasks_is_an_error(slurm_cluster: SlurmCluster, tmp_path:
     )  # fmt: skip
     assert slurm_cluster.wait_for_state(job, [], timeout=120) == "FAILED"
     assert "--ntasks-per-node=2 with --gpus-per-node=2" in job_log(tmp_path, "gpus", job)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_time_limit_shorter_than_the_warning_lead_is_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """`--time=1` with the template's `--signal=B:USR1@90`: the warning would come before the first step, and the
+    job would requeue again and again with nothing saved. The batch script refuses at the start with the fix
+    (exit 2, a FAILED job, no requeue), before any task starts or anything is written."""
+    config = write_yaml(tmp_path / "tiny.yaml", SLURM_CONFIG)
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "single_node.sbatch", str(config), env=train_env(CAPSDIST_HOME=str(REPO)),
+        options=["--job-name=short", "--time=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                 f"--chdir={tmp_path}"],
+    )  # fmt: skip
+    assert slurm_cluster.wait_for_state(job, [], timeout=120) == "FAILED"
+    lines, log = sacct(slurm_cluster, job), job_log(tmp_path, "short", job)
+    print("\n".join(["sacct:", *lines]))
+    assert states(lines) == ["FAILED"] and lines[0].split("|")[3] == "2:0", log
+    assert "stop for a requeue 90 s before it" in log and "Fix: sbatch --time=3 (minutes) or more" in log
     assert not (tmp_path / "runs").exists()
 
 
