@@ -1,7 +1,8 @@
 """`python -m capsdist.train` (`capsdist-train`): the service's entry point; the CLI lives in capsdist.training.cli.
 
-The job's signals are taken first, before the seconds of imports: a stop that lands before the fit begins ends the
-process at once, saying so, with the stop's exit code (capsdist.cluster.signals, capsdist.cluster.requeue).
+The job's signals are taken first, before the seconds of imports: a stop that lands before the fit begins (or
+during validate/test/predict) ends the process at once, saying so, with the stop's exit code
+(capsdist.cluster.signals, capsdist.cluster.requeue).
 """
 
 import sys

@@ -63,15 +63,16 @@ def _requeue(under_slurm: bool, said: str) -> tuple[str, int]:
 
 
 def leave_at_startup(request: int) -> int:
-    """A stop that came before the fit began (imports, argument parsing, data checks, the checkpoint's reading):
-    nothing was trained, so nothing is saved; say so on rank 0 and return the exit code (:func:`leave`). The rank
-    and whether this is an srun task come from the environment, as Lightning reads them."""
+    """A stop that came before the fit began (imports, argument parsing, data checks, the checkpoint's reading), or
+    during validate/test/predict (they take no step): nothing was trained, so nothing is saved; say so on rank 0
+    and return the exit code (:func:`leave`). The rank and whether this is an srun task come from the
+    environment, as Lightning reads them."""
     rank_zero = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0"
     srun_task = "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
-    said = "nothing saved: stopped during startup, before any training step"
+    said = "nothing saved: stopped before any training step"
     code, note = leave(request, rank_zero, srun_task, said)
     if rank_zero:
-        print(f"capsdist: {NAMES[request]} during startup, before any training step -> stopped at once, nothing "
+        print(f"capsdist: {NAMES[request]} before any training step -> stopped at once, nothing "
               f"saved (nothing trained in this process); {note or 'exiting'} (exit code {code})", file=sys.stderr,
               flush=True)  # fmt: skip
     return code

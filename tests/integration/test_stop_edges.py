@@ -128,7 +128,7 @@ def test_usr1_before_the_imports_finish_leaves_at_once_for_requeue(tmp_path: Pat
     _, err = proc.communicate(timeout=60)
     assert importing and time.monotonic() - sent < 5
     assert proc.returncode == 0 and mark.read_text().startswith("nothing saved"), err[-2000:]  # the batch log's
-    assert "during startup, before any training step -> stopped at once, nothing saved" in err
+    assert "before any training step -> stopped at once, nothing saved" in err
     assert "the batch script requeues job 7 (exit code 0)" in err and "Traceback" not in err
     assert not root.exists()
 
@@ -156,6 +156,6 @@ def test_sigterm_while_reading_the_checkpoint_leaves_at_once(
     finally:
         signals.restore()
     err = capsys.readouterr().err
-    assert stop.value.code == 143 and "SIGTERM during startup, before any training step" in err
+    assert stop.value.code == 143 and "SIGTERM before any training step -> stopped at once" in err
     assert "nothing saved" in err and "saved /" not in err
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
