@@ -89,7 +89,8 @@ export MASTER_PORT
 # The remaining-time check: stop (and requeue) before a validation pass that would end past the time limit. The
 # lead is the job's own --signal time (what the site or the user asked for), unless CAPSDIST_STOP_LEAD_S is set.
 end=$(squeue -h -j "${SLURM_JOB_ID}" -o %e 2>/dev/null || true)
-CAPSDIST_JOB_END=$(date -d "${end}" +%s 2>/dev/null || true)
+CAPSDIST_JOB_END=""  # none known (no squeue, no time limit); `date -d ""` would say today's midnight
+if [[ -n "${end}" ]]; then CAPSDIST_JOB_END=$(date -d "${end}" +%s 2>/dev/null || true); fi
 signal_s=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'Signal=[A-Z0-9:]*@[0-9]*' | cut -d@ -f2 || true)
 export CAPSDIST_JOB_END CAPSDIST_STOP_LEAD_S=${CAPSDIST_STOP_LEAD_S:-${signal_s:-90}} CAPSDIST_REQUEUE=batch
 # A time limit that leaves no time to train before the stop warning would requeue the job over and over with
