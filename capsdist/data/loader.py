@@ -48,7 +48,8 @@ class ResumableLoader(DataLoader):
         pin_memory: bool = False,
     ) -> None:
         """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
-        # a stream may bound the wait for one batch (shards on a dead host); only worker processes can time out
+        # a stream may bound the wait for one batch (a worker stuck past its shards' deadlines); only worker
+        # processes can time out (without workers, the shard stream bounds its own waits)
         timeout = getattr(dataset, "loader_timeout", 0) if num_workers > 0 else 0
         # workers ignore the job's signals: slurmstepd sends them to every process, the main process owns the stop;
         # they start from a fork server (capsdist.data.workers: forking this threaded process can deadlock)

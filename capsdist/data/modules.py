@@ -256,7 +256,7 @@ class ShardData(BaseData):
         n = self._stream_batches(total, 0, self.train_batches_per_epoch)
         stream = ShardStream(
             urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer, num_batches=n,
-            verify=self.verify_shards, **self._stream_args(),
+            verify=self.verify_shards, deadline_s=self.shard_deadline_s, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
 
@@ -266,7 +266,7 @@ class ShardData(BaseData):
 
         stream = ShardStream(
             expand_shards(shards, name), self.batch_size, False, num_batches=batches, verify=self.verify_shards,
-            **self._stream_args(),
+            deadline_s=self.shard_deadline_s, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=False)
 
