@@ -17,9 +17,9 @@ Local shards are checked against the ``manifest.json`` beside them as they are r
 Every shard has a deadline, whatever the worker count: a daemon thread reads it and hands its samples over a bounded
 queue (``_Handoff``), on which the consumer (a loader worker, or with 0 workers the training process's main thread)
 waits in short slices. A shard that delivers no complete sample for ``deadline_s`` (a host that drips bytes or never
-answers, a stalled ``pipe:`` command, a FIFO) is given up, the rest of it counted as skipped. The thread reads
-ahead within its shard only: the samples and batches handed out, and so the loader's resume position, are those of
-a read without it.
+answers, a stalled ``pipe:`` command, a FIFO) is given up, the rest of it counted as skipped, and a stop recorded in
+the training process is honoured while the read blocks (``check_stop``). The thread reads ahead within its shard
+only: the samples and batches handed out, and so the loader's resume position, are those of a read without it.
 
 Worker streams are seeded by (seed, epoch, rank, logical worker): a resume is exact only for the same
 ``num_workers`` and world size (``ResumableLoader`` refuses any other). This module and ``shard_urls`` (what a
@@ -48,7 +48,7 @@ from torch.utils.data import IterableDataset
 
 from capsdist.core.shipped import data_tool
 from capsdist.data import recipe
-from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
+from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, check_stop, worker
 from capsdist.data.settings import SETTINGS
 from capsdist.data.shard_format import MAX_MEMBER_BYTES, TooLarge, collate_inflated, inflate_sample, read_manifest
 from capsdist.data.shard_urls import URL_TIMEOUT, open_shard
@@ -344,6 +344,7 @@ class ShardStream(IterableDataset):
                 try:
                     item = handoff.queue.get(timeout=WAIT_SLICE_S)
                 except queue.Empty:
+                    check_stop()
                     if time.monotonic() - handoff.last >= self.deadline_s:
                         handoff.cancelled.set()
                         entry = self.expected.get(url)

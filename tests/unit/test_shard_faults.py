@@ -3,11 +3,13 @@ sample, bad labels, manifests that disagree, skip counts over workers, rate-limi
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 import webdataset as wds
 
 from capsdist import data
+from capsdist.cluster import signals
 from capsdist.data import shard_format
 from capsdist.data.shards import NO_SAMPLE_DEADLINES
 from tests.conftest import Dripping, check_multimnist, same_batches
@@ -155,3 +158,28 @@ def test_stalled_sources_stop_the_run_with_the_shards_named(dripping: Dripping) 
     with pytest.raises(data.DataError, match=r"no valid sample in one pass over 2 shard\(s\)"):
         _val("::".join(urls), deadline_s=DEADLINE)
 
+
+@pytest.mark.parametrize("workers", [0])
+def test_a_stop_is_honoured_while_a_read_blocks(
+    dripping: Dripping, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A stop recorded while the only shard's read blocks (deadline far off) ends the wait within a second or two
+    with the stop's exit code, and a worker stuck in that read is killed, not waited for (torch's shutdown took
+    10 s: a join, a SIGTERM the workers ignore, a join)."""
+    monkeypatch.setitem(signals._state, "request", 0)  # restored after the test
+    loader = data.ResumableLoader(data.ShardStream([dripping.url("s.tar")], 4, True, num_batches=3), workers)
+    requested: list[float] = []
+
+    def stop_once_reading() -> None:
+        if dripping.requested.wait(60):
+            requested.append(time.monotonic())
+            signals.raise_request(signals.TERMINATE)
+
+    threading.Thread(target=stop_once_reading, daemon=True).start()
+    with pytest.raises(signals.StopRequested) as stop:
+        list(loader)
+    assert stop.value.code == 143 and time.monotonic() - requested[0] < 3
+    started = time.monotonic()
+    del stop  # the last reference to the abandoned iterator, which shuts its workers down
+    gc.collect()
+    assert time.monotonic() - started < 3
