@@ -27,17 +27,19 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
+from capsdist.cluster import signals
 from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
+from capsdist.compat.dataloader import PollingLoader
 from capsdist.core.shipped import data_tool
-from capsdist.data.batch import Batch, DataError
+from capsdist.data.batch import Batch, DataError, check_stop
 from capsdist.data.workers import start_server
 
 STATE_VERSION = 1
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(PollingLoader):
     """DataLoader over a stream: batching in the stream, epoch from a callback, mid-epoch resumable state."""
 
     def __init__(
@@ -66,6 +68,19 @@ class ResumableLoader(DataLoader):
             reap_workers_at_exit()  # they ignore SIGTERM, so multiprocessing's exit hook alone could wait forever
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None
+        self._failed = False  # the current pass ended in an error
+
+    def check_wait(self) -> None:
+        """While the loader waits for a worker's batch: honour a stop recorded meanwhile (``check_stop``), so a
+        stalled read in a worker does not hold the training process past its job's kill deadline."""
+        check_stop()
+
+    def workers_expendable(self) -> bool:
+        """Once a stop is recorded or the pass failed, the workers' batches are not needed (a resume makes them
+        again): they are killed, not waited for, when the loader shuts them down (a worker may sit in a stalled
+        read, or wait for a shutdown message that torch's shutdown inside a garbage collection never delivers:
+        10 s per worker)."""
+        return self._failed or bool(signals.request())
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch to use when no ``epoch_fn`` is given."""
@@ -79,13 +94,15 @@ class ResumableLoader(DataLoader):
         self.dataset.epoch, self.dataset.start = epoch, start
         self.epoch, self.batches = epoch, start
         total = getattr(self.dataset, "num_batches", None)
+        self._failed = False
         try:
             for batch in islice(super().__iter__(), None if total is None else max(0, total - start)):
                 self.batches += 1
                 yield batch
-        except DataError as err:  # raised in a worker: keep the one-paragraph message, not the worker traceback
-            raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
-        except RuntimeError as err:
+        except (DataError, RuntimeError) as err:
+            self._failed = True
+            if isinstance(err, DataError):  # raised in a worker: keep the one-paragraph message, not its traceback
+                raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
             if "timed out" not in str(err):
                 raise
             raise DataError(

@@ -159,7 +159,7 @@ def test_stalled_sources_stop_the_run_with_the_shards_named(dripping: Dripping) 
         _val("::".join(urls), deadline_s=DEADLINE)
 
 
-@pytest.mark.parametrize("workers", [0])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_a_stop_is_honoured_while_a_read_blocks(
     dripping: Dripping, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # fmt: skip
