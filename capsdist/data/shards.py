@@ -8,8 +8,8 @@ Training uses ``wds.ResampledShards`` (each rank/worker draws shards with its ow
 never starve a rank), a seeded shuffle buffer, decoding and batching inside the workers, and a fixed number of
 batches per rank per epoch, so DDP never hangs. Validation is one exact pass, shards split by rank then worker.
 Corrupt samples are skipped, counted (over all workers) and logged at a bounded rate with the shard and reason
-(``SkipCounter``); but a worker that reads ``no_sample_limit`` shards in a row, or ``NO_SAMPLE_DEADLINES`` shard
-deadlines, without one valid sample stops the run with a ``DataError`` naming the shards.
+(``SkipCounter``); but a worker that reads ``no_sample_limit`` shards in a row, or spends ``NO_SAMPLE_DEADLINES``
+shard deadlines reading, without one valid sample stops the run with a ``DataError`` naming the shards.
 
 Local shards are checked against the ``manifest.json`` beside them as they are read (sha256 and sample count;
 ``verify=False`` skips the hash).
@@ -220,23 +220,24 @@ class _NoSampleWatch:
     host, stalled sources): the resampler would otherwise retry them forever."""
 
     def __init__(self, limit: int, seconds: float, skipped: SkipCounter) -> None:
-        """``limit``: shard reads in a row, ``seconds``: time, without a valid sample before giving up."""
-        self.limit, self.seconds, self.skipped, self.failed = limit, seconds, skipped, []
-        self.since = time.monotonic()
+        """``limit``: shard reads in a row, ``seconds``: time spent in them, without a valid sample before giving
+        up (the time spent reading, not training: with 0 loader workers the steps run between two reads)."""
+        self.limit, self.seconds, self.skipped, self.failed, self.spent = limit, seconds, skipped, [], 0.0
 
     def ok(self) -> None:
         """A valid sample arrived."""
         self.failed.clear()
-        self.since = time.monotonic()
+        self.spent = 0.0
 
-    def empty(self, url: str) -> None:
-        """A shard read ended without a valid sample; raise once the limit (reads or seconds) is reached."""
+    def empty(self, url: str, seconds: float) -> None:
+        """A shard read ended without a valid sample after ``seconds``; raise once the limit (reads or seconds) is
+        reached."""
         self.failed.append(url)
-        seconds = time.monotonic() - self.since
-        if len(self.failed) >= self.limit or seconds >= self.seconds:
+        self.spent += seconds
+        if len(self.failed) >= self.limit or self.spent >= self.seconds:
             names = sorted(set(self.failed))
             raise DataError(
-                f"no valid sample in {len(self.failed)} shard reads in a row ({seconds:.0f} s) from "
+                f"no valid sample in {len(self.failed)} shard reads in a row ({self.spent:.0f} s) from "
                 f"{len(names)} shard(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; last reason: "
                 f"{self.skipped.last or 'the shard holds no samples'}. Fix: check that these are MultiMNIST shards "
                 f"(`{data_tool('multimnist')} verify DIR`), readable and reachable in time (a shard that delivers no "
@@ -414,14 +415,14 @@ class ShardStream(IterableDataset):
         """Inflated samples of each shard URL in turn; stops the run if shard after shard yields none."""
         watch = _NoSampleWatch(self.no_sample_limit, NO_SAMPLE_DEADLINES * self.deadline_s, self.skipped)
         for source in sources:
-            empty = True
+            empty, started = True, time.monotonic()
             for sample in self._shard(source["url"]):
                 if empty:
                     watch.ok()
                     empty = False
                 yield sample
             if empty:
-                watch.empty(source["url"])
+                watch.empty(source["url"], time.monotonic() - started)
 
     def pipeline(self, logical_worker: int) -> wds.DataPipeline:
         """The webdataset pipeline of one worker: shards -> checked samples -> (shuffle) -> batches."""
