@@ -29,8 +29,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from capsdist.cluster import signals
-from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
+from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit, request
 from capsdist.compat.dataloader import PollingLoader
 from capsdist.core.shipped import data_tool
 from capsdist.data.batch import Batch, DataError, check_stop
@@ -77,10 +76,10 @@ class ResumableLoader(PollingLoader):
 
     def workers_expendable(self) -> bool:
         """Once a stop is recorded or the pass failed, the workers' batches are not needed (a resume makes them
-        again): they are killed, not waited for, when the loader shuts them down (a worker may sit in a stalled
-        read, or wait for a shutdown message that torch's shutdown inside a garbage collection never delivers:
-        10 s per worker)."""
-        return self._failed or bool(signals.request())
+        again): they are killed, not waited for, when the loader shuts them down. A worker may sit in a stalled
+        read; and after a worker's DataError, shut down by a garbage collection, the workers were seen never to
+        get torch's shutdown message: 10 s per worker either way."""
+        return self._failed or bool(request())
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch to use when no ``epoch_fn`` is given."""
