@@ -27,6 +27,7 @@ _EXPORTS = {  # name -> the module that defines it
     "MnistData": "capsdist.data.modules",
     "OnTheFlyData": "capsdist.data.modules",
     "ShardData": "capsdist.data.modules",
+    "ImageShardData": "capsdist.data.modules",
 }
 __all__ = ["CapsdistError", "__version__", *_EXPORTS]
 

@@ -64,6 +64,28 @@ def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 
     return out
 
 
+def image_shards(out: Path, size: int, channels: int, count: int, ext: str = "png", classes: int = 4,
+                 seed: int = 0, per_shard: int = 16) -> Path:  # fmt: skip
+    """``count`` learnable labelled images written by webdataset's own ShardWriter into ``out`` (as a user would):
+    noise with a bright square in quadrant ``class % 4`` of channel ``class % channels``, keys ``ext`` and ``cls``
+    (``ext`` png or jpg: the array as ShardWriter encodes it; npy: H x W x C)."""
+    import numpy as np  # here, not at the top: most test modules never write image shards
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng, side = np.random.default_rng(seed), size // 4
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(count):
+            label = int(rng.integers(classes))
+            image = rng.integers(0, 48, size=(size, size, channels), dtype=np.uint8)
+            top, left = (label % 4 // 2) * size // 2, (label % 2) * size // 2
+            top, left = top + int(rng.integers(side // 2 + 1)), left + int(rng.integers(side // 2 + 1))
+            image[top : top + side, left : left + side, label % channels] = 255
+            sink.write({"__key__": f"{i:06d}", ext: image if channels > 1 or ext == "npy" else image[..., 0],
+                        "cls": label})  # fmt: skip
+    return out
+
+
 def u8(x: torch.Tensor) -> torch.Tensor:
     """Back to integer pixel values."""
     return (x * 255).round().to(torch.int16)

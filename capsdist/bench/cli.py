@@ -1,6 +1,7 @@
 """`python -m capsdist.bench`: CapsNet train-step and routing throughput, capsdist against the ports' formulation,
-the MultiMNIST data paths (shard write/read, on-device generation), and the training service against a bare loop
-(`--what service`, capsdist.bench.service).
+the MultiMNIST data paths (shard write/read, on-device generation), the training service against a bare loop
+(`--what service`, capsdist.bench.service), and a config's training FLOPs with the time a run takes (`--what flops`,
+capsdist.bench.flops).
 
 Prints one JSON line per measurement. Every capsdist setting is timed interleaved with the reference
 (`capsdist.model.reference`) in one process, one step each in turn, so load from other processes on a shared machine
@@ -17,12 +18,14 @@ from collections.abc import Iterator
 import torch
 
 from capsdist.bench.data import SHARD_RATES, onthefly_row, shard_rows
+from capsdist.bench.flops import flops_row
 from capsdist.bench.models import LOW_PRECISION, MODEL_WHATS, measure
 from capsdist.bench.service import service_rows
 from capsdist.core.errors import prog
 
-WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly", "service")
-DEFAULT_WHATS = WHATS[:-1]  # service (minutes of subprocess fits) runs when asked for
+WHATS = (*MODEL_WHATS, *SHARD_RATES, "onthefly", "service", "flops")
+# run when asked for: service (minutes of subprocess fits), flops (a config's model, by default the paper's 36x36 one)
+DEFAULT_WHATS = WHATS[:-2]
 
 
 def split_list(values: list[str]) -> list[str]:
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data_samples", "--data-samples", type=int, default=1000, help="MultiMNIST samples per shard benchmark run"
     )
     parser.add_argument("--repetitions", type=int, default=3, help="service: interleaved rounds")
+    parser.add_argument("--config", default="multimnist", help="flops: the training config (a path or shipped name)")
     parser.add_argument("--baseline_root", help="service: another checkout measured in the same rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -89,6 +93,9 @@ def all_rows(args: argparse.Namespace, device: torch.device) -> Iterator[dict[st
         yield onthefly_row(args, device)
     if "service" in args.what:  # its own rounds of subprocess fits, timed steps warmup .. warmup + steps
         yield from service_rows(args)
+    if "flops" in args.what:
+        for precision in args.precision:
+            yield flops_row(argparse.Namespace(**{**vars(args), "precision": precision}), device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,16 +80,23 @@ def make_model(args: argparse.Namespace, detach: bool, device: torch.device) -> 
 
 
 def train_step_case(
-    model: CapsNet, args: argparse.Namespace, device: torch.device, fields: dict[str, object], fast: bool
+    model: CapsNet,
+    args: argparse.Namespace,
+    device: torch.device,
+    fields: dict[str, object],
+    fast: bool,
+    targets: int = 1,
 ) -> Case:
-    """A full train step (forward, margin + reconstruction loss, backward, Adam) on a fixed random batch."""
+    """A full train step (forward, margin + reconstruction loss, backward, Adam) on a fixed random batch of
+    ``targets`` different digits per image (2: MultiMNIST, each reconstructed on its own)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=gen).to(device)
-    labels = torch.randint(0, 10, (args.batch_size, 1), generator=gen).to(device)
+    labels = ((torch.randint(0, 10, (args.batch_size, 1), generator=gen) + torch.arange(targets)) % 10).to(device)
     if fast and args.channels_last:  # the convs only: the capsule weights keep their own layout
         for conv in (model.conv1, model.primary.conv):
             conv.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    recon = x.unsqueeze(1).expand(-1, targets, -1, -1, -1)
     forward: Callable[..., object] = model
     if fast and (args.compile or args.cuda_graphs):
         forward = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None)
@@ -102,7 +109,7 @@ def train_step_case(
         if fast and args.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.precision):
-            total, _, _ = capsnet_loss(forward(x, labels), labels, x.unsqueeze(1))
+            total, _, _ = capsnet_loss(forward(x, labels), labels, recon)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -148,3 +149,40 @@ def refuse_links(root: Path, owned: tuple[str, ...], allowed: tuple[str, ...] = 
                 f"file outside it. Nothing was written. Fix: remove it (`rm {path}`; a link's target is untouched) "
                 "and rerun."
             )
+
+
+# filesystems of the kernel's own objects: their folders accept no new folder or file (mkdir: ENOENT or EPERM)
+KERNEL_FILESYSTEMS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "devpts", "debugfs", "tracefs", "securityfs",
+                                "configfs", "pstore", "bpf", "efivarfs"})  # fmt: skip
+
+
+def _filesystem(path: Path) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount that holds ``path`` (/proc/self/mountinfo; ("", "") elsewhere)."""
+    found = ("", "")
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split(" ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        if (path == Path(point) or Path(point) in path.parents) and len(point) >= len(found[0]):
+            found = (point, fields[fields.index("-") + 1])  # the last mount on a point is the one seen
+    return found
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why ``folder`` cannot be created or written into (None: it can), found without writing anything: the nearest
+    part of it that exists must be a folder this user may write, on a writable filesystem that holds files."""
+    folder = Path(os.path.abspath(folder))
+    base = next(p for p in (folder, *folder.parents) if p.exists()).resolve()
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{base} is not writable by this user"
+    if os.statvfs(base).f_flag & os.ST_RDONLY:
+        return f"{base} is on a read-only filesystem"
+    point, kind = _filesystem(base)
+    if kind in KERNEL_FILESYSTEMS:
+        return f"{point} is the kernel's {kind} filesystem, where no folder can be created"
+    return None

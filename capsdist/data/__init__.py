@@ -6,7 +6,8 @@ One job per module, imported in one direction (``data_prep`` imports these, neve
   - ``mnist``: find, download, verify and read the four official IDX files.
   - ``recipe``: the MultiMNIST overlay and the MNIST shift, as device-agnostic batched torch ops.
   - ``streams``: in-memory streams (MNIST, MultiMNIST on the fly); ``device``: MultiMNIST composed on a GPU.
-  - ``shard_format``: the shard format (keys, geometry, version, encoder, decoder); ``shard_plan``: which samples
+  - ``shard_format``: the MultiMNIST shard format (keys, geometry, version, encoder, decoder); ``image_format``:
+    the labelled-image shard format (one png/jpg/npy and a cls per sample); ``shard_plan``: which samples
     a shard holds; ``shard_urls``: what a shard setting opens (expanded, bounded, checked); ``shards``: the
     shard reader (these two import webdataset).
   - ``loader``: ``ResumableLoader`` and its checked resume state; ``modules``: one LightningDataModule per source.
@@ -26,6 +27,7 @@ _EXPORTS = {
     "BatchStream": "streams",
     "MnistStream": "streams",
     "OnTheFlyMultiMnist": "streams",
+    "FixedMultiMnist": "streams",
     "DeviceMultiMnist": "device",
     "ResumableLoader": "loader",
     "ShardStream": "shards",
@@ -36,6 +38,8 @@ _EXPORTS = {
     "MnistData": "modules",
     "OnTheFlyData": "modules",
     "ShardData": "modules",
+    "ImageShardData": "modules",
+    "ImageFormat": "image_format",
     "CapsDataModule": "modules",
 }
 __all__ = sorted(_EXPORTS)

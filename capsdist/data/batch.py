@@ -1,7 +1,8 @@
 """The batch contract every loader yields, the data error type, seed namespaces, the worker placement helper and the
 stop check of a wait for data.
 
-Batch = ``{"image": f32 [B,1,H,W], "labels": i64 [B,K], "recon": f32 [B,K,1,H,W]}``, values in [0, 1].
+Batch = ``{"image": f32 [B,C,H,W], "labels": i64 [B,K], "recon": f32 [B,K,C,H,W]}``, values in [0, 1] (C = 1 but
+for labelled image shards, whose images keep their channels).
 """
 
 from __future__ import annotations

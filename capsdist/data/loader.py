@@ -31,7 +31,6 @@ from torch.utils.data import IterableDataset
 
 from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit, request
 from capsdist.compat.dataloader import PollingLoader
-from capsdist.core.shipped import data_tool
 from capsdist.data.batch import Batch, DataError, check_stop
 from capsdist.data.workers import start_server
 
@@ -111,8 +110,8 @@ class ResumableLoader(PollingLoader):
         if self.batches == 0 and total != 0 and getattr(self.dataset, "expects_samples", lambda: False)():
             raise DataError(
                 f"no valid sample in one pass over {self._what()} (skipped: {self.dataset.skipped.count}; last "
-                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: "
-                f"check them with `{data_tool('multimnist')} verify DIR`, or point the shard setting elsewhere."
+                f"reason: {self.dataset.skipped.last or 'no samples in them'}). Fix: {self.dataset.fix()}, or point "
+                "the shard setting elsewhere."
             )
 
     def _what(self) -> str:

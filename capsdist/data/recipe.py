@@ -15,6 +15,7 @@ import torch
 DIGIT = 28
 CANVAS = 36
 MAX_OFFSET = CANVAS - DIGIT  # 8: top-left offsets are 0..8 inclusive
+TEST_OVERLAYS = 10_000  # the fixed test overlays scored by default (the official code scores 10,000 test images)
 
 
 def mix_seed(*keys: int) -> int:

@@ -180,21 +180,29 @@ def _pil_scanlines(data: bytes) -> bytes:
     with Image.open(io.BytesIO(data)) as im:
         if im.format != "PNG" or im.size != (CANVAS, CANVAS):
             raise ValueError(f"expected a {CANVAS}x{CANVAS} PNG, got a {im.format} of {im.size}")
-        if im.mode in ("L", "1"):
-            pixels = np.asarray(im.convert("L"), dtype=np.uint8)
-        elif im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B") or its 32-bit integer reading ("I")
-            pixels = (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-        elif im.mode in ("RGB", "P") and _is_grey(rgb := np.asarray(im.convert("RGB"))):  # grey, in colour clothes
-            pixels = rgb[..., 0]
-        else:
+        pixels = grey_pixels(im)
+        if pixels is None and im.mode in ("RGB", "P") and _is_grey(rgb := np.asarray(im.convert("RGB"))):
+            pixels = rgb[..., 0]  # grey, in colour clothes
+        if pixels is None:
             raise ValueError(
                 f"a {im.mode} PNG with colour or alpha ({GREY_ONLY}); converting it to grey would silently change "
-                "the data. Fix: write grey images, as capsdist-shards does"
+                "the data. Fix: write grey images, as capsdist-shards does, or train on colour images with "
+                "--data.source image_shards"
             )
     return b"".join(b"\0" + row.tobytes() for row in pixels)
 
 
 GREY_ONLY = "MultiMNIST shards hold 1- to 16-bit greyscale digits without alpha"
+
+
+def grey_pixels(im: Image.Image) -> np.ndarray | None:
+    """8-bit pixels [H, W] of a 1- to 16-bit greyscale PIL image (16-bit values scaled >> 8: PIL's ``convert("L")``
+    clips them to white; 1-4 bits expanded by PIL); None for any other mode."""
+    if im.mode in ("L", "1"):
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B") or its 32-bit integer reading ("I")
+        return (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    return None
 
 
 def _is_grey(rgb: np.ndarray) -> bool:
@@ -247,3 +255,32 @@ def collate_inflated(samples: list[_Inflated]) -> Batch:
     return to_batch(pixels[:, 0], torch.tensor([s[3] for s in samples]), pixels[:, 1:])
 
 
+
+
+class MultiMnistFormat:
+    """What a MultiMNIST shard stream reads (``ShardStream``'s default format): the schema a shard's first sample
+    must have, the decoder, the batch collation and the fix its error messages name."""
+
+    source, name = "multimnist_shards", "MultiMNIST"
+    expected = "input.png, digit0.png, digit1.png and meta.json (MultiMNIST, as capsdist-shards writes them)"
+
+    def fits(self, sample: dict[str, Any]) -> bool:
+        """Whether ``sample`` has the schema's keys."""
+        return all(key in sample for key in (*IMAGE_KEYS, META_KEY))
+
+    def decode(self, sample: dict[str, Any]) -> _Inflated:
+        """One checked, inflated sample (``inflate_sample``)."""
+        return inflate_sample(sample)
+
+    def collate(self, samples: list[_Inflated]) -> Batch:
+        """The contract batch of inflated samples (``collate_inflated``)."""
+        return collate_inflated(samples)
+
+    def writer(self) -> str:
+        """What writes these shards, for messages."""
+        return f"`{data_tool('multimnist')} --out DIR ...`"
+
+    def fix(self) -> str:
+        """What to do about shards of no valid sample."""
+        tool = data_tool("multimnist")
+        return f"check that they are MultiMNIST shards (`{tool} verify DIR`) or rewrite them (`{tool} --out DIR ...`)"

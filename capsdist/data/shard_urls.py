@@ -86,8 +86,12 @@ def shard_urls(spec: str | Sequence[str] | None, local_only: bool = False, origi
     return urls
 
 
-def expand_shards(spec: str | Sequence[str] | None, name: str = "train_shards/val_shards") -> list[str]:
-    """Shard URLs from paths, directories (their *.tar), brace patterns, URLs and ``pipe:`` commands."""
+def expand_shards(
+    spec: str | Sequence[str] | None, name: str = "train_shards/val_shards", writer: str | None = None
+) -> list[str]:
+    """Shard URLs from paths, directories (their *.tar), brace patterns, URLs and ``pipe:`` commands; ``writer``:
+    what writes such shards, for the messages (default: capsdist's MultiMNIST tool)."""
+    writer = writer or f"`{data_tool('multimnist')} --out DIR ...`"
     urls: list[str] = []
     for url in shard_urls(spec):
         if not is_local(url):
@@ -98,15 +102,14 @@ def expand_shards(spec: str | Sequence[str] | None, name: str = "train_shards/va
             urls.append(url)
         else:
             raise DataError(
-                f"shard {url!r} (from {spec!r}) does not exist. Fix: point train_shards/val_shards at shards "
-                f"written by `{data_tool('multimnist')} --out DIR` (a directory, a brace pattern such as "
-                "DIR/train-{000000..000059}.tar, a URL or a pipe: command)."
+                f"shard {url!r} (from {spec!r}) does not exist. Fix: point {name} at shards written by {writer} (a "
+                "directory, a brace pattern such as DIR/train-{000000..000059}.tar, a URL or a pipe: command)."
             )
     if not urls:
         where = "no shard setting was given" if spec is None else f"no shards in {spec!r}"
         raise DataError(
             f"{where}. Fix: set {name} (--data.{name}) to shard files, a directory of them or a "
-            f"brace pattern; create them with `{data_tool('multimnist')} --split train --out DIR ...`."
+            f"brace pattern; create them with {writer}."
         )
     return urls
 

@@ -1,15 +1,20 @@
-"""Reading MultiMNIST shards: URL expansion, a lean tar reader, corrupt-sample skipping and the shard stream.
+"""Reading shards: URL expansion, a lean tar reader, corrupt-sample skipping and the shard stream, for either format:
+MultiMNIST (``shard_format.MultiMnistFormat``, the default) or labelled images (``image_format.ImageFormat``).
 
-Any WebDataset tar of the sample schema is read: data_prep's shards, ``webdataset.TarWriter``'s (pax headers),
-GNU long names, gzip-compressed ``.tar.gz``. The lean reader is kept because a same-run measurement put it at 2.7x
-webdataset's own tar expansion feeding the same PNG decode (docs/benchmarks.md).
+Any WebDataset tar of the format's sample schema is read: data_prep's shards, ``webdataset.TarWriter``'s and
+``ShardWriter``'s (pax headers), GNU long names, gzip-compressed ``.tar.gz``. A shard whose first sample lacks the
+schema's keys holds another kind of data: the read stops with a ``DataError`` naming the keys found and expected
+(and the source that reads them), instead of skipping every sample. The lean reader is kept because a same-run
+measurement put it at 2.7x webdataset's own tar expansion feeding the same PNG decode (docs/benchmarks.md).
 
 Training uses ``wds.ResampledShards`` (each rank/worker draws shards with its own seed, so uneven or few shards
 never starve a rank), a seeded shuffle buffer, decoding and batching inside the workers, and a fixed number of
 batches per rank per epoch, so DDP never hangs. Validation is one exact pass, shards split by rank then worker.
 Corrupt samples are skipped, counted (over all workers) and logged at a bounded rate with the shard and reason
 (``SkipCounter``); but a worker that reads ``no_sample_limit`` shards in a row, or spends ``NO_SAMPLE_DEADLINES``
-shard deadlines reading, without one valid sample stops the run with a ``DataError`` naming the shards.
+shard deadlines reading, without one valid sample stops the run with a ``DataError`` naming the shards. A
+``DataError`` from a format's decoder (an image of another shape, a label the model has no class for) stops the run
+too.
 
 Local shards are checked against the ``manifest.json`` beside them as they are read (sha256 and sample count;
 ``verify=False`` skips the hash).
@@ -49,8 +54,9 @@ from torch.utils.data import IterableDataset
 from capsdist.core.shipped import data_tool
 from capsdist.data import recipe
 from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, check_stop, worker
+from capsdist.data.image_format import ImageFormat
 from capsdist.data.settings import SETTINGS
-from capsdist.data.shard_format import MAX_MEMBER_BYTES, TooLarge, collate_inflated, inflate_sample, read_manifest
+from capsdist.data.shard_format import MAX_MEMBER_BYTES, MultiMnistFormat, TooLarge, read_manifest
 from capsdist.data.shard_urls import URL_TIMEOUT, open_shard
 from capsdist.data.shard_urls import expand_shards as expand_shards  # its home until this round; bench imports it here
 
@@ -219,10 +225,13 @@ class _NoSampleWatch:
     """Stops a worker that reads shard after shard without one valid sample (random bytes, empty files, a dead
     host, stalled sources): the resampler would otherwise retry them forever."""
 
-    def __init__(self, limit: int, seconds: float, skipped: SkipCounter) -> None:
+    def __init__(self, limit: int, seconds: float, skipped: SkipCounter, fix: str) -> None:
         """``limit``: shard reads in a row, ``seconds``: time spent in them, without a valid sample before giving
-        up (the time spent reading, not training: with 0 loader workers the steps run between two reads)."""
-        self.limit, self.seconds, self.skipped, self.failed, self.spent = limit, seconds, skipped, [], 0.0
+        up (the time spent reading, not training: with 0 loader workers the steps run between two reads); ``fix``:
+        the data's own fix."""
+        self.limit, self.seconds, self.skipped, self.fix = limit, seconds, skipped, fix
+        self.failed: list[str] = []
+        self.spent = 0.0
 
     def ok(self) -> None:
         """A valid sample arrived."""
@@ -239,10 +248,9 @@ class _NoSampleWatch:
             raise DataError(
                 f"no valid sample in {len(self.failed)} shard reads in a row ({self.spent:.0f} s) from "
                 f"{len(names)} shard(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; last reason: "
-                f"{self.skipped.last or 'the shard holds no samples'}. Fix: check that these are MultiMNIST shards "
-                f"(`{data_tool('multimnist')} verify DIR`), readable and reachable in time (a shard that delivers no "
-                f"sample within --data.shard_deadline_s is given up), or rewrite them with "
-                f"`{data_tool('multimnist')} --out DIR ...`."
+                f"{self.skipped.last or 'the shard holds no samples'}. Fix: check that they are readable and "
+                f"reachable in time (a shard that delivers no sample within --data.shard_deadline_s is given up); "
+                f"{self.fix}."
             )
 
 
@@ -272,8 +280,29 @@ class _Handoff:
         raise _GivenUp
 
 
+
+SampleFormat = MultiMnistFormat | ImageFormat
+FORMATS = (MultiMnistFormat(), ImageFormat())  # every format a shard stream reads, to name the one a shard fits
+
+
+def check_schema(url: str, sample: dict[str, Any], sample_format: SampleFormat) -> None:
+    """Refuse shard ``url`` if its first ``sample`` lacks the keys of ``sample_format``: it holds another kind of
+    data (one paragraph: the keys found and expected, and the source that reads them if one does)."""
+    if sample_format.fits(sample):
+        return
+    found = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "no files"
+    other = next((f for f in FORMATS if f.source != sample_format.source and f.fits(sample)), None)
+    fix = (f"these are {other.name} shards: read them with --data.source {other.source}" if other
+           else f"point the shard setting at {sample_format.name} shards, or {sample_format.fix()}")  # fmt: skip
+    raise DataError(
+        f"{url} does not hold {sample_format.name} shards: its first sample {sample.get('__key__')!r} holds {found}, "
+        f"and each sample of --data.source {sample_format.source} holds {sample_format.expected}. Fix: {fix}."
+    )
+
+
 class ShardStream(IterableDataset):
-    """MultiMNIST batches from WebDataset shards; train = resampled and infinite (the loader cuts epochs)."""
+    """Batches from WebDataset shards of one format (MultiMNIST by default, or labelled images); train = resampled
+    and infinite (the loader cuts epochs)."""
 
     resume_needs_same_workers = True  # worker streams are seeded per logical worker
 
@@ -288,11 +317,13 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 2000,
         num_batches: int | None = None,
         verify: bool = True,
+        sample_format: SampleFormat | None = None,
         deadline_s: float = SETTINGS["shard_deadline_s"].default,
     ) -> None:
         """``num_batches``: batches per rank per epoch (required for training; caps validation); ``verify``: check
         each local shard's sha256 against manifest.json as it is read (sample counts are checked either way);
-        ``deadline_s``: seconds a shard may go without delivering a complete sample before it is given up."""
+        ``sample_format``: what the samples are and how they decode (default: MultiMNIST); ``deadline_s``: seconds
+        a shard may go without delivering a complete sample before it is given up."""
         if train and not num_batches:
             raise DataError("training on shards needs a fixed epoch length. Fix: set train_batches_per_epoch.")
         self.urls, self.batch_size, self.train = list(urls), batch_size, train
@@ -307,6 +338,7 @@ class ShardStream(IterableDataset):
         # seconds a loader worker may take for one batch before the run stops: past the worker's own no-sample stop
         self.loader_timeout = (NO_SAMPLE_DEADLINES + 1) * deadline_s + URL_TIMEOUT
         self.skipped = SkipCounter(rank)
+        self.format = sample_format or MultiMnistFormat()
         self.epoch, self.start = 0, 0  # set by ResumableLoader before each iter()
 
     def __len__(self) -> int:
@@ -331,12 +363,25 @@ class ShardStream(IterableDataset):
         """Whether a pass should yield samples: always in training; in validation, if this rank has shards."""
         return self.train or bool(self.rank_shards())
 
+    def fix(self) -> str:
+        """What to do about shards of no valid sample (the format's advice)."""
+        return self.format.fix()
+
+    def first_sample(self) -> Any:
+        """The first valid sample of the first shard, decoded here (no worker; its schema checked as in a stream):
+        what the data looks like. None if the shard holds none."""
+        samples = self._shard(self.urls[0])
+        try:
+            return next(samples, None)
+        finally:
+            samples.close()
+
     def rank_shards(self) -> list[str]:
         """Validation shards of this rank (node split; workers split further)."""
         return self.urls[self.rank :: self.world_size]
 
     def _shard(self, url: str) -> Iterator[Any]:
-        """The checked, inflated samples of one shard, read by a daemon thread (module docstring): a shard that
+        """The checked, decoded samples of one shard, read by a daemon thread (module docstring): a shard that
         delivers no complete sample for ``deadline_s`` is given up, the rest of it counted as skipped."""
         handoff = _Handoff()
         threading.Thread(target=self._read, args=(url, handoff), name="capsdist-shard", daemon=True).start()
@@ -362,7 +407,7 @@ class ShardStream(IterableDataset):
             handoff.cancelled.set()
 
     def _read(self, url: str, handoff: _Handoff) -> None:
-        """A shard's reader thread: its checked, inflated samples into ``handoff``, then ``_END`` (or the error
+        """A shard's reader thread: its checked, decoded samples into ``handoff``, then ``_END`` (or the error
         that ended the read); corrupt ones are skipped and counted with the shard named. It stops at its next read
         or hand-over once the consumer gives the shard up."""
         with contextlib.suppress(_GivenUp):  # given up: a hand-over raises it again at once
@@ -383,8 +428,12 @@ class ShardStream(IterableDataset):
             try:
                 for sample in tar_samples(url, tap):
                     handoff.read += 1
+                    if good + bad == 0:
+                        check_schema(url, sample, self.format)
                     try:
-                        decoded = inflate_sample(sample)
+                        decoded = self.format.decode(sample)
+                    except DataError:  # data this run cannot hold (the format says why): stop
+                        raise
                     except Exception as exn:  # a corrupt sample: skip it, the shard goes on
                         bad += 1
                         self.skipped.add(1, f"{url}: {type(exn).__name__}: {exn}")
@@ -394,7 +443,7 @@ class ShardStream(IterableDataset):
                 tap.drain()
             finally:
                 getattr(tap.stream, "close", lambda: None)()
-        except _GivenUp:
+        except (DataError, _GivenUp):
             raise
         except Exception as exn:  # an unreadable shard (cut, not a tar, unreachable): the rest of it is lost
             if not handoff.cancelled.is_set():  # (a shard given up is counted by the consumer)
@@ -413,7 +462,7 @@ class ShardStream(IterableDataset):
 
     def _decoded(self, sources: Iterator[dict[str, Any]]) -> Iterator[Any]:
         """Inflated samples of each shard URL in turn; stops the run if shard after shard yields none."""
-        watch = _NoSampleWatch(self.no_sample_limit, NO_SAMPLE_DEADLINES * self.deadline_s, self.skipped)
+        watch = _NoSampleWatch(self.no_sample_limit, NO_SAMPLE_DEADLINES * self.deadline_s, self.skipped, self.fix())
         for source in sources:
             empty, started = True, time.monotonic()
             for sample in self._shard(source["url"]):
@@ -437,7 +486,7 @@ class ShardStream(IterableDataset):
             *source,
             self._decoded,
             *mixing,
-            wds.batched(self.batch_size, collation_fn=collate_inflated, partial=not self.train),
+            wds.batched(self.batch_size, collation_fn=self.format.collate, partial=not self.train),
         )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -3,7 +3,8 @@
 Batch ``j`` of epoch ``e`` on rank ``r`` is a pure function of (seed, e, r, j): worker ``w`` of ``W`` produces
 batches ``start + w, start + w + W, ...``, which torch's in-order loader interleaves back into ``start, start + 1,
 ...``. The stream does not depend on the number of workers (so a resume is exact for any ``num_workers``), and no
-two workers or ranks share a seed.
+two workers or ranks share a seed. The fixed MultiMNIST test overlays (``FixedMultiMnist``) go further: overlay
+``i`` is a pure function of (seed, i), so the batch size and the number of ranks do not change what is scored.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class MnistStream(BatchStream):
 
 
 class OnTheFlyMultiMnist(BatchStream):
-    """MultiMNIST drawn from MNIST arrays in memory, the same recipe as the shards; optionally draws only."""
+    """MultiMNIST training overlays drawn from MNIST arrays in memory, the same recipe as the shards; fresh ones
+    each epoch; optionally draws only."""
 
     def __init__(
         self,
@@ -128,21 +130,61 @@ class OnTheFlyMultiMnist(BatchStream):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        train: bool = True,
         draw_only: bool = False,
     ) -> None:
         """``draw_only``: yield {"indices", "offsets"} and leave composing to ``DeviceMultiMnist.compose``."""
-        self.images, self.labels, self.batch_size = images, labels.long(), batch_size
-        self.tag, self.draw_only = (ONTHEFLY if train else ONTHEFLY_VAL), draw_only
+        self.images, self.labels, self.batch_size, self.draw_only = images, labels.long(), batch_size, draw_only
         super().__init__(num_batches, seed, rank, world_size)
 
     def make_batch(self, epoch: int, j: int) -> Batch:
-        """Batch ``j`` of ``epoch``: pairs of different classes at offsets 0..8 (validation ignores the epoch)."""
-        epoch = epoch if self.tag == ONTHEFLY else 0
-        gen = recipe.generator("cpu", self.seed, self.tag, epoch, self.rank, j)
+        """Batch ``j`` of ``epoch``: pairs of different classes at offsets 0..8."""
+        gen = recipe.generator("cpu", self.seed, ONTHEFLY, epoch, self.rank, j)
         first = torch.randint(len(self.labels), (self.batch_size,), generator=gen)
         indices, offsets = recipe.draw(self.labels, first, gen)
         if self.draw_only:
             return {"indices": indices, "offsets": offsets}
         return multimnist_from_draw(self.images, self.labels, indices, offsets)
 
+
+FIXED_BLOCK = 1000  # fixed overlays are drawn this many at a time, each block from its own seed
+
+
+class FixedMultiMnist(BatchStream):
+    """The fixed MultiMNIST test overlays: the first ``samples`` of one endless sequence in which overlay ``i`` is a
+    pure function of (seed, i), drawn from the MNIST split in memory by the training recipe. The same overlays for
+    every batch size, rank count and worker count, every epoch, and a shorter stream is the start of a longer
+    one; like MNIST's validation, every overlay once, split across ranks, the last batch possibly short."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        samples: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_batches: int | None = None,
+    ) -> None:
+        """Draw the pairs and placements of all ``samples`` overlays (a few bytes each; batches compose them);
+        ``num_batches`` caps this rank's batches."""
+        self.images, self.labels, self.batch_size = images, labels.long(), batch_size
+        blocks = [self._block(seed, b) for b in range(math.ceil(samples / FIXED_BLOCK))]
+        indices, offsets = (torch.cat(parts)[:samples][rank::world_size] for parts in zip(*blocks, strict=True))
+        self.indices, self.offsets = indices, offsets
+        full = math.ceil(len(indices) / batch_size)
+        super().__init__(min(num_batches or full, full), seed, rank, world_size)
+
+    def _block(self, seed: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs and placements of overlays ``block * FIXED_BLOCK`` onwards."""
+        gen = recipe.generator("cpu", seed, ONTHEFLY_VAL, block)
+        return recipe.draw(self.labels, torch.randint(len(self.labels), (FIXED_BLOCK,), generator=gen), gen)
+
+    def samples(self) -> int:
+        """Overlays one pass of this rank yields: the last batch may be short."""
+        return min(len(self.indices), super().samples())
+
+    def make_batch(self, epoch: int, j: int) -> Batch:
+        """Batch ``j`` (every epoch the same)."""
+        rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        return multimnist_from_draw(self.images, self.labels, self.indices[rows], self.offsets[rows])

@@ -205,6 +205,7 @@ class CapsNet(nn.Module):
         args = locals()
         super().__init__()
         self.config = {name: args[name] for name in MODEL_ARGS}  # the arguments as given; save_pretrained writes them
+        self.num_classes = num_classes  # what labels may be (image_shards refuses any other before a step)
         layers = [tuple(layer) for layer in (caps_layers or [(num_classes, 16)])]
         if layers[-1][0] != num_classes:
             raise ValueError(

@@ -20,10 +20,11 @@ from capsdist.core.errors import CapsdistError, prog, user_errors
 from capsdist.core.progress import Progress
 from capsdist.data.batch import DataError
 from capsdist.data.modules import CapsDataModule
+from capsdist.data.settings import IMAGES
 from capsdist.data.shard_urls import shard_urls
 from capsdist.model.metrics import CapsMetrics
 from capsdist.model.pretrained import load_as_trained
-from capsdist.model.scoring import eval_batch
+from capsdist.model.scoring import eval_batch, own_capsule_errors
 from capsdist.model.trained import Trained, load_trained
 
 
@@ -62,15 +63,21 @@ def checkpoint_defaults(trained: Trained, known: Any) -> tuple[dict[str, Any], d
 
 
 def check_data_fits(trained: Trained, datamodule: Any, source: str) -> None:
-    """Refuse data of another shape than the checkpoint's (MNIST vs MultiMNIST) before any forward pass."""
+    """Refuse data of another shape than the checkpoint's (MNIST vs MultiMNIST, grey vs colour) before any forward
+    pass; labelled images are held to the model's classes."""
     size, k = int(trained.hparams.get("image_size", 28)), int(trained.hparams.get("num_targets", 1))
-    if (datamodule.image_size, datamodule.num_targets) != (size, k):
+    channels = int(trained.hparams.get("in_channels", 1))
+    data = (datamodule.image_size, datamodule.in_channels, datamodule.num_targets)
+    if data != (size, channels, k):
         was = trained.data.get("source", "data")
         raise CapsdistError(
-            f"the checkpoint was trained on {was} ({size}x{size} images, {k} digit(s) each), and "
-            f"--data.source {source} gives {datamodule.image_size}x{datamodule.image_size} images with "
-            f"{datamodule.num_targets} digit(s). Fix: evaluate it on data like its own (--data.source {was})."
+            f"the checkpoint was trained on {was} ({size}x{size} images of {channels} channel(s), {k} target(s) "
+            f"each), and --data.source {source} gives {data[0]}x{data[0]} images of {data[1]} channel(s) with "
+            f"{data[2]} target(s). Fix: evaluate it on data like its own (--data.source {was}: {size}x{size} "
+            f"images of {channels} channel(s))."
         )
+    if hasattr(datamodule, "num_classes"):
+        datamodule.num_classes = trained.model.num_classes
 
 
 def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple[Namespace, Trained, Any]:
@@ -88,7 +95,10 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
     for key, err in refused.items():
         if key == "val_shards" and args.data[key] is None and args.data.source == "multimnist_shards":
             raise CapsdistError(f"{err} Here: --data.{key} SHARDS, or --data.source multimnist_onthefly.")
-    datamodule = CapsDataModule(**args.data.as_dict())
+    settings = args.data.as_dict()
+    if settings["source"] == IMAGES:  # the image shape is read from the shards scored, not the training ones
+        settings["train_shards"] = None
+    datamodule = CapsDataModule(**settings)
     check_data_fits(trained, datamodule, args.data.source)
     datamodule.setup("validate")
     return args, trained, datamodule.val_dataloader()
@@ -96,26 +106,36 @@ def parse_for_inference(parser: ArgumentParser, argv: list[str] | None) -> tuple
 
 @torch.inference_mode()
 def evaluate(trained: Trained, loader: Any, device: str) -> dict[str, float]:
-    """Test-time metrics over every batch of `loader`: the training module's eval step (capsdist.model.scoring);
-    progress lines on stderr (stdout carries the result)."""
+    """Test-time metrics over every batch of `loader`: the training module's eval step (capsdist.model.scoring),
+    and with a decoder each digit's reconstruction error from its own capsule (``digit_recon_sse``); progress
+    lines on stderr (stdout carries the result)."""
     metrics = CapsMetrics().to(device)
-    loss_sum, samples = 0.0, 0
+    loss_sum, samples, sse_sum, digits = 0.0, 0, 0.0, 0
+    decoder = trained.model.decoder
     expected = getattr(loader.dataset, "samples", lambda: None)()  # None: a stream that cannot tell
     with Progress(expected, unit="images", label="evaluate", stream=sys.stderr) as progress:
         for batch in loader:
             batch = {k: batch[k].to(device) for k in ("image", "labels", "recon")}
-            total, _ = eval_batch(trained.model, batch, trained.recon_weight, metrics)
+            total, out = eval_batch(trained.model, batch, trained.recon_weight, metrics)
             loss_sum += float(total) * batch["labels"].shape[0]
+            if decoder is not None:
+                errors = own_capsule_errors(decoder, out.caps, batch["labels"], batch["recon"])
+                sse_sum, digits = sse_sum + float(errors.sum()), digits + errors.numel()
             samples += batch["labels"].shape[0]
             progress.update(batch["labels"].shape[0])
     if samples == 0:
         raise CapsdistError("the data source yielded no samples. Fix: check --data.* (val shards, val_samples).")
     values = {name: float(value) for name, value in metrics.compute().items()}
+    if decoder is not None:
+        values["digit_recon_sse"] = sse_sum / digits
     return {**values, "loss": loss_sum / samples, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print {checkpoint, source, acc, error, digit_acc, loss, samples} as one JSON object."""
+    """Print {checkpoint, source, acc, error, digit_acc, [digit_recon_sse,] loss, samples} as one JSON object:
+    acc is the paper's metric (a sample is right when its K longest capsules are exactly its K digits; error = 1 -
+    acc), digit_acc the share of digits found among the K longest capsules, digit_recon_sse the mean sum of squared
+    pixel errors (pixels in 0..1) of a digit reconstructed from its own capsule (models with a decoder)."""
     parser = inference_parser("Evaluate a capsdist checkpoint; prints metrics JSON on stdout.")
     with user_errors():
         args, trained, loader = parse_for_inference(parser, argv)

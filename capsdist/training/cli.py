@@ -32,10 +32,10 @@ from capsdist.core import shipped
 from capsdist.core.errors import CapsdistError, prog, user_errors
 from capsdist.data.modules import CapsDataModule
 from capsdist.parallel import process_group
-from capsdist.training import resume
+from capsdist.training import resume, startup
 from capsdist.training.config import bound_config_loading, check_argv, check_run
 from capsdist.training.diagnostics import CapsuleDiagnostics, batch_images
-from capsdist.training.guards import fault_callbacks
+from capsdist.training.guards import fault_callbacks, warn_emulated_bf16
 from capsdist.training.module import CapsNetModule, CheckpointMismatchError
 from capsdist.training.nosync import LoggedThroughput
 from capsdist.training.run import (
@@ -105,11 +105,13 @@ class CapsParser(ShortUsageErrors, LightningArgumentParser):
 
 
 class CapsCLI(PrivateOverrides):
-    """LightningCLI with the model's image size and digit count taken from the data, and run-local outputs."""
+    """LightningCLI with the model's image size, channels and digit count taken from the data, and run-local
+    outputs."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link data -> model shapes and add the logging switches."""
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_targets", "model.num_targets", apply_on="instantiate")
         parser.add_argument(
             "--wandb_mode",
@@ -131,8 +133,8 @@ class CapsCLI(PrivateOverrides):
 
     def before_instantiate_classes(self) -> None:
         """Load checkpoints with weights_only unless told otherwise (they hold tensors and plain types only); refuse
-        a run folder holding links before anything is written; turn `--ckpt_path best` into the run's best file
-        (Lightning knows none in a new process); refuse --optimizer."""
+        a run folder holding links, or one that cannot be written, before anything is written; turn `--ckpt_path
+        best` into the run's best file (Lightning knows none in a new process); refuse --optimizer."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True
@@ -150,7 +152,8 @@ class CapsCLI(PrivateOverrides):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Default loggers, best/last checkpoints (all under trainer.default_root_dir) and safe SLURM requeue; for
-        ``fit``, the run folder's lock (rank 0) and the resume plan, before anything is written."""
+        ``fit``, the run folder's lock (rank 0) and the resume plan. Before anything is written: the data found,
+        and for ``fit`` the batch size against the data and the memory one step needs (capsdist.training.startup)."""
         config = self._get(self.config_init, "trainer", default={})
         root = run_folder(config)
         kwargs["default_root_dir"] = str(root)
@@ -167,7 +170,7 @@ class CapsCLI(PrivateOverrides):
             callbacks.append(GracefulStop((self.checkpoint_dir or root) / "interrupted.ckpt"))
         if config.get("logger") is not False:  # `--trainer.logger false` trains without loggers
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks += [WallClock(), CapsuleDiagnostics(), self.position]
+        callbacks += [WallClock(), CapsuleDiagnostics(), self.position, resume.RecordTrainerSettings()]
         callbacks += fault_callbacks(callbacks)  # non-finite guard, the data/skipped metric
         # images/s end to end (data wait included) per device and in total, and MFU on GPUs Lightning knows
         callbacks.append(LoggedThroughput(batch_size_fn=batch_images))  # CUDA sync on logging steps only
@@ -178,16 +181,20 @@ class CapsCLI(PrivateOverrides):
             callbacks.append(LineProgress(config.get("log_every_n_steps") or 50) if plain_log else Bar())
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
+        warn_emulated_bf16(trainer)
         trainer.strategy.checkpoint_io = resume.AtomicCheckpointIO()  # every save: temp file beside it, fsync, rename
         ckpt_path = self._get(self.config_init, "ckpt_path")
         self.lock, self.plan = None, (ckpt_path, "")
-        if self.subcommand == "fit":
+        if self.subcommand == "fit":  # the batch against the data and the memory, before the folder is taken
+            self.datamodule.train_batches(getattr(trainer.strategy, "data_parallel_size", None) or trainer.world_size)
+            startup.check_memory(self.model.model, self.datamodule.batch_size, trainer)
             self.lock = RunLock(root).acquire() if trainer.global_rank == 0 else None
             with self._discard_lock_on_error():
                 self.plan = resume.plan(ckpt_path, root)
         if default_loggers:
             wandb = (self._get(self.config_init, "wandb_mode"), self._get(self.config_init, "wandb_project"))
-            trainer.loggers = run_loggers(root, *wandb, resuming=self.plan[0] is not None)
+            with self._discard_lock_on_error():  # a refused W&B key or stored id leaves the folder as it was
+                trainer.loggers = run_loggers(root, *wandb, resuming=self.plan[0] is not None)
             if self.subcommand != "fit":
                 open_wandb_run(trainer.loggers, root)
         return trainer
@@ -217,6 +224,7 @@ class CapsCLI(PrivateOverrides):
                 checkpoint = resume.read_checkpoint(path)
                 model, data = dict(self.model.hparams), dict(getattr(self.datamodule, "hparams", {}))
                 resume.check_identity(checkpoint, path, model, data)
+                resume.check_trainer(checkpoint, path, resume.trainer_settings(self.trainer))
                 strategy = self.trainer.strategy
                 world = getattr(strategy, "data_parallel_size", None) or self.trainer.world_size
                 workers = self.datamodule.num_workers  # the count the loaders run with (a default resolved)

@@ -56,7 +56,11 @@ def check_run(config: Mapping[str, Any]) -> None:
             )
 
 
-LINKED = {"model.image_size": "image size", "model.num_targets": "number of digits per image"}
+LINKED = {
+    "model.image_size": "image size",
+    "model.in_channels": "number of image channels",
+    "model.num_targets": "number of digits per image",
+}
 
 
 def check_argv(argv: list[str]) -> None:
@@ -69,8 +73,10 @@ def check_argv(argv: list[str]) -> None:
             raise ConfigError(_too_large(f"--config {path}", path.stat().st_size))
         if key in LINKED:
             raise ConfigError(
-                f"--{key} is not a setting: the {LINKED[key]} comes from the data (MNIST: 28x28, one digit; "
-                "MultiMNIST: 36x36, two digits). Fix: drop the flag and choose the data with --data.source."
+                f"--{key} is not a setting: the {LINKED[key]} comes from the data (MNIST: 28x28 grey, one digit; "
+                "MultiMNIST: 36x36 grey, two digits; image_shards: the images' own, one label). Fix: drop the flag "
+                "and choose the data with --data.source (image_shards: --data.image_size and --data.in_channels "
+                "state the images' shape)."
             )
 
 

@@ -28,8 +28,10 @@ def image_grid(images: torch.Tensor, pad: int = PAD, value: float = 1.0) -> torc
 
 
 def to_pil(picture: torch.Tensor, scale: int = 1) -> Image.Image:
-    """[C, H, W] in [0, 1] (C = 1 or 3) -> 8-bit PIL image, optionally enlarged with nearest neighbours."""
+    """[C, H, W] in [0, 1] -> 8-bit PIL image, optionally enlarged with nearest neighbours: C = 1 grey, 3 RGB; two
+    channels (two views, or grey + alpha) in false colour (the first magenta, the second green), RGBA as its RGB."""
     array = (picture.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    array = array[[0, 1, 0]] if array.shape[0] == 2 else array[:3]
     image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 

@@ -6,7 +6,8 @@ SLURM requeue of its job, a torchrun restart of its launch). "last" is the check
 among hpc_ckpt_N, last, interrupted and snapshot files (never a step-0 file), not Lightning's newest-file /
 hpc-first choice; "auto" is "last" if the folder holds one, else a fresh run. A resume is exact or refused: the
 checks here run before anything is written (model identity, the data settings that define the training stream,
-the loader placement); the learning-rate settings may change and apply from the resume step (CapsNetModule).
+the trainer settings that define the optimizer's steps, the loader placement); the learning-rate settings may
+change and apply from the resume step (CapsNetModule).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Callback, Checkpoint
 
 from capsdist.checkpoint.sharded import OLD, read_full, read_meta
 from capsdist.compat.lightning import loops_state, stops_mid_epoch
@@ -43,6 +44,7 @@ IDENTITY_KEYS = (*MODEL_ARGS, "num_targets", "recon_weight")
 # data settings that do not change the training stream are free to change on resume (capsdist.data.settings: the
 # table's ``free``); all others are refused; num_workers is checked against the loader state, where the stream
 # depends on it
+TRAINER_KEY = "capsdist_trainer"  # in every checkpoint a fit writes: trainer_settings() of the run
 
 
 class ResumeError(CapsdistError):
@@ -255,6 +257,60 @@ def check_identity(checkpoint: dict[str, Any], path: Path, model: dict[str, Any]
             f"would not be the run it continues. Fix: resume with the checkpoint's settings ({flags}; the run "
             "folder's config.yaml holds them all), or start a fresh run in a new folder without --ckpt_path."
         )
+
+
+def trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
+    """The trainer settings that define the optimizer's steps, as the trainer resolved them (``32`` is
+    ``32-true``; clipping off is ``gradient_clip_val`` 0 whether None or 0 was given, with no algorithm).
+
+    precision sets the numbers every step computes with; accumulate_grad_batches how many batches make one step;
+    gradient_clip_val/algorithm what each step applies; limit_train_batches the epoch's length, so where the data
+    stream's epochs (their shuffles and shifts) begin. Free to change, not recorded: max_steps/max_epochs/max_time
+    (how far to train), validation and logging settings (no weight depends on them), the device (a requeue may land
+    on another kind of node), and deterministic/benchmark (which kernels compute a step, not what it computes;
+    a run without deterministic is not bit-reproducible in the first place, resumed or not)."""
+    clip = float(trainer.gradient_clip_val or 0)
+    algorithm = trainer.gradient_clip_algorithm  # None: Lightning's default, "norm"
+    return {
+        "precision": str(trainer.precision),
+        "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        "gradient_clip_val": clip,
+        "gradient_clip_algorithm": str(getattr(algorithm, "value", algorithm) or "norm") if clip else None,
+        "limit_train_batches": trainer.limit_train_batches,
+    }
+
+
+class RecordTrainerSettings(Callback):
+    """Write :func:`trainer_settings` into every checkpoint of a fit (under ``TRAINER_KEY``), for
+    :func:`check_trainer` when the run is resumed."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Record this run's settings."""
+        checkpoint[TRAINER_KEY] = trainer_settings(trainer)
+
+
+def check_trainer(checkpoint: dict[str, Any], path: Path, configured: dict[str, Any]) -> None:
+    """Refuse to resume with trainer settings that change the optimizer's steps (:func:`trainer_settings`), naming
+    each with the checkpoint's value and the configured one. A checkpoint written before capsdist recorded them has
+    no record, and resumes as before: its settings are unknown, and refusing would strand every older run."""
+    saved = checkpoint.get(TRAINER_KEY)
+    if saved is None:
+        return
+    differ = _differ(saved, configured, sorted(set(saved) & set(configured)))
+    if differ:
+        flags = " ".join(f"--trainer.{k} {_flag_value(saved[k])}" for k in differ if saved[k] is not None)
+        raise CheckpointMismatchError(
+            f"{path} was trained with other trainer settings than the ones configured (checkpoint vs configured: "
+            f"{differ}): they change the optimizer's steps (precision their numbers, accumulation the batches in "
+            "each, clipping what each applies, limit_train_batches where the data's epochs begin), so the resumed "
+            f"run would not be the run it continues. Fix: resume with the checkpoint's settings ({flags}; the run "
+            "folder's config.yaml holds them all), or start a fresh run in a new folder without --ckpt_path."
+        )
+
+
+def _flag_value(value: Any) -> str:
+    """A setting's value as a command-line flag takes it (strings bare, the rest as JSON)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def check_loader(checkpoint: dict[str, Any], world_size: int, num_workers: int, needs_same_workers: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from capsdist.compat.lightning import experiment_started, skip_flat_hparams
 from capsdist.core.errors import CapsdistError
 from capsdist.core.files import atomic_write, no_follow_opener, refuse_links
 from capsdist.training.resume import JOB_FILE, how_to_resume, rewind_untrained
+from capsdist.training.startup import check_writable
 
 RUN_ID_FILE = "wandb_run_id"  # in the run folder: `--ckpt_path` runs continue this W&B run
 # the links W&B itself keeps in its folder (it replaces them by rename, never writes through them): the only links a
@@ -43,6 +45,7 @@ WANDB_LINKS = ("wandb/latest-run", "wandb/debug.log", "wandb/debug-internal.log"
 # what a run writes in its folder (the other entries of a folder such as `.` are not the run's, left unread)
 RUN_FILES = (LOCK_FILE, "config.yaml", RUN_ID_FILE, JOB_FILE, "predictions*.csv", "checkpoints", "csv", "wandb",
              "figures")  # fmt: skip
+MAX_RUN_ID = 1024  # characters read from the file: an id is a few dozen
 # the W&B summary of each metric: its best value over the run, not the last one logged
 BEST = {"val/error": "min", "val/loss": "min", "val/acc": "max", "val/digit_acc": "max"}
 
@@ -54,9 +57,10 @@ def run_folder(trainer: Mapping[str, Any]) -> Path:
 
 def check_run_folder(root: Path) -> None:
     """Refuse, before a run writes anything, a run folder whose own files and folders hold a symbolic link (but
-    W&B's own) or a special file: the lock, config.yaml, logs, checkpoints and the W&B id would be written through
-    it (capsdist.core.files)."""
+    W&B's own) or a special file (the lock, config.yaml, logs, checkpoints and the W&B id would be written through
+    it: capsdist.core.files), or that cannot be created or written (capsdist.training.startup)."""
     refuse_links(root, RUN_FILES, WANDB_LINKS)
+    check_writable(root)
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -118,11 +122,36 @@ def _wandb_run_id(root: Path, resuming: bool) -> str | None:
         return None
     stored = root / RUN_ID_FILE
     if resuming and os.path.lexists(stored):  # a link or FIFO there is refused, not read
-        with open(stored, encoding="utf-8", opener=no_follow_opener) as handle:
-            return handle.read().strip()
+        return checked_run_id(stored)
     if job := os.environ.get("SLURM_JOB_ID"):
         return f"{root.name}-slurm{job}"
     return secrets.token_hex(4)
+
+
+class WandbIdError(CapsdistError):
+    """The run folder's stored W&B run id is not one W&B takes."""
+
+
+# what W&B refuses in a run id: wandb 0.31's settings check and the characters its docs forbid; control characters
+# (a second line of the file) are no part of an id either
+NOT_IN_RUN_ID = re.compile(r"[/\\#?%:;,'\x00-\x1f\x7f]")
+
+
+def checked_run_id(stored: Path) -> str:
+    """The W&B run id ``stored`` holds, refused unless W&B takes it (W&B would stop the run after the setup with
+    a UsageError, or at a step with "Invalid name")."""
+    with open(stored, encoding="utf-8", errors="replace", opener=no_follow_opener) as handle:
+        text = handle.read(MAX_RUN_ID + 1)
+    run_id = text.strip()
+    if not run_id or len(text) > MAX_RUN_ID or NOT_IN_RUN_ID.search(run_id):
+        raise WandbIdError(
+            f"{stored} holds {text[:80]!r}, which is not a W&B run id (W&B refuses an empty one and any with "
+            "/ \\ # ? % : ; , ' or a control character such as a second line); W&B would stop the run after its setup. "
+            "Nothing was written. Fix: put the id of this folder's W&B run in it (the ID that ends the name of "
+            f"wandb/offline-run-DATE_TIME-ID or run-DATE_TIME-ID), or delete {stored.name} to log the resumed run as a "
+            "new W&B run."
+        )
+    return run_id
 
 
 def open_wandb_run(loggers: list[Logger], root: Path) -> None:

@@ -45,8 +45,14 @@ FIT_CASES = [
     (["--model.lr_decay=1.5"], 2, "--model.lr_decay 1.5 is out of range"),
     (["--model.image_size=28"], 2, "--model.image_size is not a setting: the image size comes from the data"),
     (["--data.source=multimnist_shards", "--data.train_batches_per_epoch=2"], 2, "no shard setting was given"),
-    (["--trainer.default_root_dir=/etc/hostname/run"], 2, "cannot write"),
-]
+    (["--trainer.default_root_dir=/etc/hostname/run"], 2, "cannot write the run folder /etc/hostname/run: /etc/"),
+    (["--trainer.default_root_dir=/proc/x"], 2, "/proc is the kernel's proc filesystem, where no folder can be"),
+    (["--data.batch_size=65536"], 2, "--data.batch_size 65536 is larger than the training data: 64 samples per epoch"),
+    (["--data.train_batches_per_epoch=3"], 2, "--data.train_batches_per_epoch 3 is more than the training data holds"),
+    # priors of 1152 x 10 x 1024 floats (47 MB) a sample: 2.6 TiB for the step, beyond any test host's memory
+    (["--model.primary_channels=32", "--model.primary_dim=1", "--model.caps_layers=[[10, 1024]]",
+      "--data.train_samples=60000", "--data.batch_size=60000"], 2, "--data.batch_size 60000 needs about 2642.6 GiB"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("flags", "code", "phrase"), FIT_CASES, ids=[" ".join(c[0]) for c in FIT_CASES])
@@ -58,6 +64,7 @@ def test_fit_bad_value(flags: list[str], code: int, phrase: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert stop.value.code == code, err
     assert phrase in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def _tree(folder: Path) -> dict[str, bytes | None]:
@@ -155,7 +162,7 @@ def test_checkpoint_of_the_other_dataset_is_named(tmp_path: Path, capsys: pytest
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.source=mnist", "--data.val_samples=8"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "trained on multimnist_onthefly (36x36 images, 2 digit(s) each)" in err
+    assert stop.value.code == 2 and "trained on multimnist_onthefly (36x36 images of 1 channel(s), 2 target(s)" in err
 
 
 def test_random_byte_shards_stop_fit_promptly(tmp_path: Path) -> None:

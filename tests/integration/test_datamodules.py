@@ -127,6 +127,7 @@ def test_one_module_per_source_with_only_its_settings(shards: Path) -> None:
         "mnist": "MnistData",
         "multimnist_shards": "ShardData",
         "multimnist_onthefly": "OnTheFlyData",
+        "image_shards": "ImageShardData",
     }
     params = {name: set(inspect.signature(cls).parameters) for name, cls in SOURCES.items()}
     assert "train_shards" not in params["mnist"] and "max_shift" not in params["multimnist_shards"]

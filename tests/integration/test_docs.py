@@ -115,9 +115,9 @@ ONNX = ("onnx", "onnxscript")  # what an example's torch.onnx.export(dynamo=True
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda page: page.name)
-def test_python_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """Each ```python block of a page runs as written: in order, in one namespace (a later example goes on from an
-    earlier one's objects), in a temporary folder."""
+    earlier one's objects), in a temporary folder; on one torch thread (their tensors are small)."""
     text = page.read_text()
     if "torch.onnx.export" in text and not all(importlib.util.find_spec(name) for name in ONNX):
         pytest.skip(f"{page.name} exports to ONNX: pip install -e '.[test]' (the export extra: onnx, onnxscript)")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.training.resume import TRAINER_KEY, check_trainer
+from capsdist.training.run import RUN_ID_FILE
 from tests.conftest import TINY
 from tests.faults import fault_config
 from tests.scale_probe import train_env
@@ -95,16 +97,40 @@ def test_continuing_a_finished_fit_continues_its_epoch(straight: Path, half: Pat
     ("change", "fix"),
     [("--data.batch_size=16", "--data.batch_size 32"), ("--data.seed=1", "--data.seed 0"),
      ("--data.max_shift=0", "--data.max_shift 2"), ("--data.train_samples=2048", "--data.train_samples 1024"),
-     ("--trainer.devices=2", "resume with 1 processes in all")],
+     ("--trainer.devices=2", "resume with 1 processes in all"),
+     ("--trainer.precision=bf16-mixed --trainer.accumulate_grad_batches=2 --trainer.gradient_clip_val=1 "
+      "--trainer.limit_train_batches=8", "--trainer.accumulate_grad_batches 1 --trainer.gradient_clip_val 0.0 "
+      "--trainer.limit_train_batches 1.0 --trainer.precision 32-true"),
+     (f"{RUN_ID_FILE}=../..", f"{RUN_ID_FILE} holds '../..\\n', which is not a W&B run id")],
 )  # fmt: skip
 def test_a_resume_that_would_differ_is_refused_and_writes_nothing(half: Path, change: str, fix: str) -> None:
-    """Data settings that change the training stream, or another world size: exit 2 naming the fix, and the
-    folder's files (checkpoints, csv, config.yaml, W&B runs, the lock file) are exactly as they were."""
+    """Data or trainer settings that change the training stream or the optimizer's steps, another world size, or a
+    stored W&B run id W&B refuses (planted in the folder): exit 2 naming the fix, and the folder's files
+    (checkpoints, csv, config.yaml, W&B runs, the lock file) are exactly as they were."""
+    stored, kept = half / RUN_ID_FILE, (half / RUN_ID_FILE).read_text()
+    planted = change.startswith(f"{RUN_ID_FILE}=")
+    if planted:
+        stored.write_text(change.split("=", 1)[1] + "\n")
     before = listing(half)
     extra = ["--trainer.strategy=ddp"] if "devices" in change else []
-    code, output = fit(half, f"--trainer.max_steps={STEPS}", "--ckpt_path=last", change, *extra)
+    try:
+        code, output = fit(half, f"--trainer.max_steps={STEPS}", "--ckpt_path=last", *extra,
+                           *([] if planted else change.split()))  # fmt: skip
+        after = listing(half)
+    finally:
+        stored.write_text(kept)
     assert code == 2 and fix in output and "Traceback" not in output, output[-3000:]
-    assert listing(half) == before
+    assert after == before
+
+
+def test_a_checkpoint_without_the_trainer_record_resumes(half: Path) -> None:
+    """The trainer settings are recorded in every checkpoint; one written before they were (no record) resumes
+    with any settings, as it did."""
+    checkpoint = torch.load(half / "checkpoints/last.ckpt", weights_only=True)
+    recorded = {"precision": "32-true", "accumulate_grad_batches": 1, "gradient_clip_val": 0.0,
+                "gradient_clip_algorithm": None, "limit_train_batches": 1.0}  # fmt: skip
+    assert checkpoint.pop(TRAINER_KEY) == recorded
+    check_trainer(checkpoint, half / "checkpoints/last.ckpt", {"precision": "bf16-mixed", "accumulate_grad_batches": 4})
 
 
 def lr_column(root: Path) -> dict[int, float]:

@@ -66,6 +66,18 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, source):
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+def test_more_epochs_continue_a_finished_fit_exactly(tmp_path, capsys):
+    """A fit of 1 epoch continued with `--trainer.max_epochs 2` trains exactly the missing epoch: the step and the
+    weights of an uninterrupted 2-epoch run (2 batches an epoch)."""
+    common = ["--data.train_samples=64", "--data.val_samples=32", "--trainer.deterministic=true"]
+    fit(tmp_path / "full", *common, "--trainer.max_epochs=2")
+    fit(tmp_path / "cut", *common, "--trainer.max_epochs=1")
+    fit(tmp_path / "cut", *common, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert summary(capsys)["global_step"] == 4
+    full, resumed = state(tmp_path / "full/checkpoints/last.ckpt"), state(tmp_path / "cut/checkpoints/last.ckpt")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+
+
 def test_fit_on_multimnist_shards(tmp_path, capsys):
     from data_prep.multimnist import generate
 

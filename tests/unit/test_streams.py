@@ -170,3 +170,32 @@ def test_resume_refused_when_not_exact(test_split: tuple[torch.Tensor, torch.Ten
         stream = data.MnistStream(images, labels, 50, train=True, rank=0, world_size=2)
         data.ResumableLoader(stream).load_state_dict(mnist_state)
 
+
+
+def test_fixed_test_overlays_do_not_depend_on_batch_size_or_ranks(
+    test_split: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """The fixed MultiMNIST test stream is exactly ``samples`` overlays, the same ones (in order) for any batch
+    size, split across ranks without overlap or loss, and a shorter stream is the start of a longer one."""
+    images, labels = test_split
+
+    def stream(batch_size: int, samples: int = 1100, rank: int = 0, world: int = 1) -> data.FixedMultiMnist:
+        return data.FixedMultiMnist(images, labels, batch_size, samples, seed=3, rank=rank, world_size=world)
+
+    def overlays(fixed: data.FixedMultiMnist) -> dict[str, torch.Tensor]:
+        batches = epoch_batches(data.ResumableLoader(fixed), 0)
+        assert fixed.samples() == sum(len(b["labels"]) for b in batches)
+        return {k: torch.cat([b[k] for b in batches]) for k in ("image", "labels", "recon")}
+
+    whole = overlays(stream(64))
+    assert len(whole["labels"]) == 1100  # 17 full batches and one of 12; two draw blocks
+    check_multimnist(whole)
+    for other in (overlays(stream(100)), overlays(stream(7, samples=150))):
+        assert all(torch.equal(other[k], whole[k][: len(other[k])]) for k in whole)
+    draws = stream(64)
+    for r in range(3):
+        part = stream(64, rank=r, world=3)
+        assert torch.equal(part.indices, draws.indices[r::3]) and torch.equal(part.offsets, draws.offsets[r::3])
+    assert torch.equal(stream(64, rank=2, world=3).make_batch(5, 1)["image"], whole["image"][2::3][64:128])
+    assert len(data.FixedMultiMnist(images, labels, 64, 1100, num_batches=2)) == 2  # val_batches caps a rank
+    assert not torch.equal(data.FixedMultiMnist(images, labels, 64, 1100, seed=4).indices, draws.indices)
