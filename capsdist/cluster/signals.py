@@ -3,9 +3,10 @@
 Lightweight on purpose (no torch): the training CLI installs the flag-only handlers first thing, before the slow
 imports and setup, so a signal that lands during startup is recorded instead of killing the task with the
 default action (SLURM may send ``--signal=USR1@N`` up to a minute early). capsdist.training.stop reads the flag at the
-step boundaries, during validation and before the first step. DataLoader workers and W&B's service ignore the
-job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield): slurmstepd signals every process of the step, and
-only the main process may decide how the run stops.
+step boundaries, during validation and before the first step; a wait for data that may never come (a stalled shard
+read) reads it too and raises :class:`StopRequested`, which capsdist.training.stop turns into the same stop.
+DataLoader workers and W&B's service ignore the job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield):
+slurmstepd signals every process of the step, and only the main process may decide how the run stops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
+# exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
+EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
 _state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False}
 
 
@@ -60,6 +63,16 @@ def restore() -> None:
 def request() -> int:
     """The strongest stop requested so far in this process (0: none)."""
     return _state["request"]
+
+
+class StopRequested(SystemExit):
+    """A stop request honoured while the process waited for data (a blocked read), not at a step boundary: it
+    exits with the request's code; in a fit, capsdist.training.stop first saves what a step boundary would."""
+
+    def __init__(self, request: int) -> None:
+        """``request``: the kind recorded (REQUEUE, INTERRUPT or TERMINATE)."""
+        super().__init__(EXIT_CODES[request])
+        self.request = request
 
 
 def raise_request(kind: int) -> None:

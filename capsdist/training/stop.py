@@ -8,6 +8,9 @@ the signal lands:
   - during validation (checked after every validation batch): abandon the pass and save the last completed
     training step, marked so that the resumed run redoes that validation (:func:`_redo_validation`);
   - before the first step (setup, sanity check, ``on_train_start``): nothing new to save; just leave;
+  - while the main thread waits for data that does not come (a stalled shard read with 0 loader workers, or the
+    wait for a worker's batch; a run of one rank only: the data loader raises ``StopRequested``): as at the
+    boundary the wait comes before (the last training step saved, or, in validation, as during validation);
   - during the end-of-fit work: the final state is saved as usual, the optional figures are skipped.
 Then W&B is marked preempting and finished (its service survives the signal: capsdist.cluster.wandb_shield), the summary
 line printed, and the process exits with a code that says why (:data:`EXIT_CODES`), so a supervisor never
@@ -33,14 +36,12 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from capsdist.cluster import signals
-from capsdist.cluster.signals import INTERRUPT, REQUEUE, TERMINATE
+from capsdist.cluster.signals import EXIT_CODES, INTERRUPT, REQUEUE, TERMINATE
 from capsdist.compat.lightning import hpc_save_path
 from capsdist.training.nosync import agree_max
 from capsdist.training.resume import how_to_resume, job_id, remove_stale_hpc
 from capsdist.training.run import finish_wandb
 
-# exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
-EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
 NAMES = {REQUEUE: "requeue (SIGUSR1 or time limit)", INTERRUPT: "Ctrl-C (SIGINT)", TERMINATE: "SIGTERM"}
 
 
@@ -125,6 +126,13 @@ class GracefulStop(pl.Callback):
         if request := self._agreed():
             self._stop(trainer, request)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A stop honoured while the data loader waited (``StopRequested``): save and report as the boundary before
+        the wait would; Lightning then re-raises it, which exits with the stop's code."""
+        if isinstance(exception, signals.StopRequested) and trainer.state.fn == "fit":
+            save = self.trained and not trainer.sanity_checking
+            exception.code = self._finish(trainer, signals.request(), save=save)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written during validation resumes by redoing that validation pass."""
         if self._val_progress is not None and not trainer.sanity_checking:
@@ -138,6 +146,11 @@ class GracefulStop(pl.Callback):
         return agree_max(signals.request())
 
     def _stop(self, trainer: pl.Trainer, request: int, save: bool = True) -> None:
+        """Save (``save``), report and exit with the request's code (every rank, at the same point)."""
+        raise TrainingStopped(self._finish(trainer, request, save))
+
+    def _finish(self, trainer: pl.Trainer, request: int, save: bool) -> int:
+        """Save the state reached (``save``), say so, finish W&B; the exit code."""
         started = time.monotonic()
         under_slurm = SLURMEnvironment.detect()
         path = None
@@ -176,7 +189,7 @@ class GracefulStop(pl.Callback):
             finish_wandb(trainer, preempting=request != INTERRUPT, exit_code=code)
         except Exception as err:
             rank_zero_warn(f"capsdist: the W&B run was not finished cleanly ({err}); its local files are kept")
-        raise TrainingStopped(code)
+        return code
 
     def _requeue(self, under_slurm: bool) -> tuple[str, int]:
         """Requeue this job if we are the ones to; returns a log note and the exit code."""

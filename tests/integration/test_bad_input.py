@@ -4,9 +4,12 @@ one-paragraph message, never a traceback, never a hang, never a command taken fr
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from capsdist.tools import evaluate, figures
 from capsdist.training import cli as train
 from capsdist.training.module import CapsNetModule
 from data_prep import multimnist
-from tests.conftest import REPO, TINY, TINY_MODEL, subprocess_env
+from tests.conftest import REPO, TINY, TINY_MODEL, Dripping, subprocess_env
 
 FIT = ["fit", *TINY, "--wandb_mode=disabled", "--trainer.max_steps=2"]
 FIT += ["--data.train_samples=64", "--data.val_samples=32"]
@@ -178,6 +181,37 @@ def test_random_byte_shards_stop_fit_promptly(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "no valid sample" in done.stderr and "junk-0.tar" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr) < 20000  # skip warnings are rate-limited
+
+
+def test_sigterm_during_a_stalled_read_saves_and_exits(
+    shards: Path, dripping: Dripping, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # fmt: skip
+    """0 loader workers, one shard on a host that drips bytes (deadline far off): a SIGTERM while the read blocks
+    saves the last step and exits 143 within seconds (it was recorded and never acted on, past 7 minutes: under
+    SLURM, KillWait then killed the job with nothing saved)."""
+    # data seed 5 draws the stalled host after 7 steps
+    args = [*FIT, f"--trainer.default_root_dir={tmp_path}", "--data.source=multimnist_shards", "--data.batch_size=4",
+            f"--data.train_shards=[{shards / 'test-000000.tar'}, {dripping.url('stalled.tar')}]",
+            "--data.train_batches_per_epoch=50", "--data.shuffle_buffer=1", "--trainer.limit_val_batches=0",
+            "--trainer.max_steps=50", "--data.seed=5"]  # fmt: skip
+    sent: list[float] = []
+
+    def terminate_once_reading() -> None:  # the CLI owns SIGTERM by then (capsdist.cluster.signals)
+        if dripping.requested.wait(120):
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_reading, daemon=True).start()
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    took = time.monotonic() - sent[0]
+    out, err = capsys.readouterr()
+    assert stop.value.code == 143 and took < 10, (took, err[-2000:])
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == "SIGTERM" and summary["global_step"] > 0
+    saved = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert saved["global_step"] == summary["global_step"]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == summary["global_step"]
 
 
 def test_data_prep_second_writer_refused_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
