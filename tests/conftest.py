@@ -55,6 +55,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
+def tiny_checkpoint(path: Path, data: dict, image_size: int = 28, num_targets: int = 1) -> Path:
+    """A capsdist checkpoint of a tiny untrained model (TINY_MODEL) with the given saved data settings."""
+    from capsdist.training.module import CapsNetModule  # Lightning: only for the tests that write one
+
+    module = CapsNetModule(num_targets=num_targets, image_size=image_size, **TINY_MODEL)
+    torch.save(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 0,
+         "datamodule_hyper_parameters": data},
+        path,
+    )  # fmt: skip
+    return path
+
+
 def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 1) -> Path:
     """Write ``count`` MultiMNIST samples of ``split`` from the shipped MNIST as shards of ``shard_size``."""
     from data_prep.multimnist import generate

@@ -19,9 +19,8 @@ import torch
 
 from capsdist.tools import evaluate, figures
 from capsdist.training import cli as train
-from capsdist.training.module import CapsNetModule
 from data_prep import multimnist
-from tests.conftest import REPO, TINY, TINY_MODEL, Dripping, subprocess_env
+from tests.conftest import REPO, TINY, Dripping, subprocess_env, tiny_checkpoint
 
 FIT = ["fit", *TINY, "--wandb_mode=disabled", "--trainer.max_steps=2"]
 FIT += ["--data.train_samples=64", "--data.val_samples=32"]
@@ -131,23 +130,12 @@ def test_nonfinite_loss_stops_at_first_step_with_finite_checkpoints(
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path.name
 
 
-def _checkpoint(path: Path, data: dict, image_size: int = 28, num_targets: int = 1) -> Path:
-    """A capsdist checkpoint of a tiny untrained model with the given saved data settings."""
-    module = CapsNetModule(num_targets=num_targets, image_size=image_size, **TINY_MODEL)
-    torch.save(
-        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 0,
-         "datamodule_hyper_parameters": data},
-        path,
-    )  # fmt: skip
-    return path
-
-
 @pytest.mark.parametrize("cli", [evaluate, figures])
 def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A `pipe:` shard spec saved in a checkpoint is refused by evaluate and figures; the command never runs."""
     planted = tmp_path / "planted"
     data = {"source": "multimnist_shards", "val_shards": f"pipe:touch {planted}", "batch_size": 8}
-    ckpt = _checkpoint(tmp_path / "bad.ckpt", data, image_size=36, num_targets=2)
+    ckpt = tiny_checkpoint(tmp_path / "bad.ckpt", data, image_size=36, num_targets=2)
     with pytest.raises(SystemExit) as stop:
         cli.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.num_workers=0"])
     err = capsys.readouterr().err
@@ -158,7 +146,7 @@ def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.Captur
 
 def test_checkpoint_of_the_other_dataset_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A MultiMNIST checkpoint evaluated on MNIST: refused before any forward pass, naming its training data."""
-    ckpt = _checkpoint(tmp_path / "mm.ckpt", {"source": "multimnist_onthefly"}, image_size=36, num_targets=2)
+    ckpt = tiny_checkpoint(tmp_path / "mm.ckpt", {"source": "multimnist_onthefly"}, image_size=36, num_targets=2)
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.source=mnist", "--data.val_samples=8"])
     err = capsys.readouterr().err
