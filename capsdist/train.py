@@ -17,7 +17,7 @@ def main(args: list[str] | None = None) -> None:
         from capsdist.training.cli import main as cli_main  # the slow imports, after the handlers
 
         cli_main(args)
-    except signals.StopRequested as stop:
+    except signals.StartupStop as stop:
         sys.exit(requeue.leave_at_startup(stop.request))
 
 

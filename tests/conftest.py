@@ -7,7 +7,10 @@ scripts/install_slurm.sh installs), ``gpu`` (needs CUDA; skipped without it).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,19 @@ TINY_NET = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for `python -m ...` subprocesses: this checkout importable (not an installed copy)."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def tiny_checkpoint(path: Path, data: dict, image_size: int = 28, num_targets: int = 1) -> Path:
+    """A capsdist checkpoint of a tiny untrained model (TINY_MODEL) with the given saved data settings."""
+    from capsdist.training.module import CapsNetModule  # Lightning: only for the tests that write one
+
+    module = CapsNetModule(num_targets=num_targets, image_size=image_size, **TINY_MODEL)
+    torch.save(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 0,
+         "datamodule_hyper_parameters": data},
+        path,
+    )  # fmt: skip
+    return path
 
 
 def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 1) -> Path:
@@ -177,6 +193,57 @@ def test_split() -> tuple[torch.Tensor, torch.Tensor]:
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 MultiMNIST test samples in uneven shards of 30, 30, 30, 10 (with manifest.json)."""
     return make_shards(tmp_path_factory.mktemp("shards"), "test", 100, 30)
+
+
+class Dripping:
+    """A local HTTP server that answers every GET with a 1 MiB body sent one byte per ``interval`` seconds: a shard
+    host that stalls without ever timing out a read. ``url(name)``; ``requests`` lists the paths asked for, and
+    ``requested`` is set at the first request."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.requests: list[str] = []
+        self.requested, self.closing = threading.Event(), threading.Event()
+        server = self
+
+        class Drip(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                server.requests.append(self.path)
+                server.requested.set()
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 20))
+                self.end_headers()
+                while not server.closing.is_set():
+                    try:
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                    except OSError:  # the reader gave up
+                        return
+                    time.sleep(interval)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+        self.http.daemon_threads = True
+        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, name: str) -> str:
+        """The URL of a (dripping) shard ``name``."""
+        return f"http://127.0.0.1:{self.http.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        """End every response and stop serving."""
+        self.closing.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def dripping() -> Iterator[Dripping]:
+    """A shard host that drips bytes (``Dripping``), closed after the test."""
+    server = Dripping()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

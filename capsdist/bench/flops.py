@@ -27,10 +27,10 @@ from capsdist.bench.models import train_step_case
 from capsdist.bench.timing import timed
 from capsdist.core import shipped
 from capsdist.core.errors import CapsdistError
+from capsdist.core.paper import MULTIMNIST_TRAIN_IMAGES
 from capsdist.data.modules import SOURCES
 from capsdist.model.capsnet import MODEL_ARGS, CapsNet
 
-PAPER_IMAGES = 60_000_000  # the paper's MultiMNIST training set: 1,000 overlays per MNIST training digit
 H100_BF16_DENSE = 989e12  # FLOP/s, NVIDIA H100 SXM, bf16 tensor cores without sparsity (datasheet)
 # Assumed model FLOPs utilisations. Anchors, from the H200 bench rows of the 28x28 MNIST model (1.20 GFLOP per
 # image by this count; docs/benchmarks.md, 2026-11-27, bf16, full routing gradient): 2.1% at batch 128 eager, 5.8%
@@ -115,6 +115,6 @@ def flops_row(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "step_s": round(statistics.median(times), 4),
         "steps": len(times),
         "achieved_flops_per_s": round(per_image * images_per_s),
-        "paper_one_pass": run_estimate(per_image, PAPER_IMAGES, images_per_s),
+        "paper_one_pass": run_estimate(per_image, MULTIMNIST_TRAIN_IMAGES, images_per_s),
         "config_max_steps": config_run,  # the config's max_steps x batch_size; None without them
     }

@@ -18,7 +18,8 @@ from capsdist.core.shipped import WEIGHTS
 
 CONFIG_KEY = "capsnet_config"
 FOLDER_WEIGHTS = "model.safetensors"  # the weights file in a folder written by CapsNet.save_pretrained
-METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string")}  # metadata loading uses
+# metadata loading uses (num_targets: digits per image, 2 for MultiMNIST)
+METADATA_TYPES = {"global_step": (int, "an integer"), "data_source": (str, "a string"), "num_targets": (int, "an int")}
 STORE_DTYPE = torch.float16
 
 

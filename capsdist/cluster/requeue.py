@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from capsdist.cluster.signals import INTERRUPT, REQUEUE, TERMINATE
+from capsdist.cluster.signals import EXIT_CODES, INTERRUPT, REQUEUE, TERMINATE
 
-# exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
-EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
 NAMES = {REQUEUE: "requeue (SIGUSR1 or time limit)", INTERRUPT: "Ctrl-C (SIGINT)", TERMINATE: "SIGTERM"}
 
 

@@ -4,11 +4,12 @@ Lightweight on purpose (no torch): the training CLI (capsdist.train) installs th
 slow imports and setup, so a signal that lands during startup does not kill the task with the default action
 (SLURM may send ``--signal=USR1@N`` up to a minute early; USR1's default action would fail the job instead of
 requeueing it). Until the fit begins (``defer``) nothing can be lost and no rank is in a collective, so the
-handler stops at once by raising :class:`StopRequested` (the CLI leaves through capsdist.cluster.requeue); from then
+handler stops at once by raising :class:`StartupStop` (the CLI leaves through capsdist.cluster.requeue); from then
 on it only records the request, and capsdist.training.stop reads the flag at the step boundaries, during
-validation and before the first step. DataLoader workers and W&B's service ignore the
-job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield): slurmstepd signals every process of the step, and
-only the main process may decide how the run stops.
+validation and before the first step; a wait for data that may never come (a stalled shard read) reads it too and
+raises :class:`StopRequested`, which capsdist.training.stop turns into the same stop. DataLoader workers and W&B's
+service ignore the job's signals (``ignore_job_signals``, capsdist.cluster.wandb_shield): slurmstepd signals every
+process of the step, and only the main process may decide how the run stops.
 """
 
 from __future__ import annotations
@@ -27,16 +28,9 @@ from typing import Any
 REQUEUE, INTERRUPT, TERMINATE = 1, 2, 3
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _KINDS = {signal.SIGUSR1: REQUEUE, signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
+# exit code per request: 75 (EX_TEMPFAIL) = saved, requeue me; 130/143 = the shell's codes for SIGINT/SIGTERM
+EXIT_CODES = {REQUEUE: 75, INTERRUPT: 130, TERMINATE: 143}
 _state: dict[str, Any] = {"request": 0, "previous": {}, "for_process": False, "reaper": False, "at_once": False}
-
-
-class StopRequested(BaseException):
-    """A job signal during startup (``install(at_once=True)`` until ``defer``): leave now. A BaseException, like
-    KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
-
-    def __init__(self, request: int) -> None:
-        super().__init__(request)
-        self.request = request
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -47,21 +41,21 @@ def _record(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if _state["at_once"]:
         _state["at_once"] = False  # once: the way out must not be interrupted by a second signal
-        raise StopRequested(_state["request"])
+        raise StartupStop(_state["request"])
 
 
 def install(for_process: bool = False, at_once: bool = False) -> None:
     """Own the job's signals with the flag-only handler (idempotent; a no-op outside the main thread).
     ``for_process``: for the rest of the process (the training CLI), so ``restore`` keeps them: the end-of-fit
     work after the trainer's teardown must not die of a late USR1 either. ``at_once``: until :func:`defer`, a
-    signal raises :class:`StopRequested` (a pending request does so now)."""
+    signal raises :class:`StartupStop` (a pending request does so now)."""
     if threading.current_thread() is not threading.main_thread():
         return
     _state["for_process"] = _state["for_process"] or for_process
     _state["at_once"] = _state["at_once"] or at_once
     if _state["at_once"] and _state["request"]:
         _state["at_once"] = False
-        raise StopRequested(_state["request"])
+        raise StartupStop(_state["request"])
     for sig in JOB_SIGNALS:
         if signal.getsignal(sig) is not _record and not (sig == signal.SIGINT and _state["request"]):
             _state["previous"].setdefault(sig, signal.signal(sig, _record))
@@ -69,7 +63,7 @@ def install(for_process: bool = False, at_once: bool = False) -> None:
 
 def defer() -> None:
     """From now on only record the job's signals (the fit has begun: capsdist.training.stop honours them); a request
-    recorded while a library held the startup's :class:`StopRequested` back is honoured there too."""
+    recorded while a library held the startup's :class:`StartupStop` back is honoured there too."""
     _state["at_once"] = False
 
 
@@ -87,6 +81,21 @@ def restore() -> None:
 def request() -> int:
     """The strongest stop requested so far in this process (0: none)."""
     return _state["request"]
+
+
+class StopRequested(SystemExit):
+    """A stop request honoured while the process waited for data (a blocked read), not at a step boundary: it
+    exits with the request's code; in a fit, capsdist.training.stop first saves what a step boundary would."""
+
+    def __init__(self, request: int) -> None:
+        """``request``: the kind recorded (REQUEUE, INTERRUPT or TERMINATE)."""
+        super().__init__(EXIT_CODES[request])
+        self.request = request
+
+
+class StartupStop(StopRequested):
+    """A job signal during startup (``install(at_once=True)`` until ``defer``), raised by the handler itself: leave
+    now, nothing to save (capsdist.train leaves through capsdist.cluster.requeue.leave_at_startup)."""
 
 
 def raise_request(kind: int) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from capsdist.core.errors import CapsdistError
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the capsdist package (this file is in capsdist/core)
-WEIGHTS = {"capsnet-mnist": "capsnet-mnist.safetensors"}  # name -> file; its model card: pretrained/README.md
+# name -> file; model cards: pretrained/README.md (capsnet-mnist), pretrained/capsnet-multimnist.md
+WEIGHTS = {"capsnet-mnist": "capsnet-mnist.safetensors", "capsnet-multimnist": "capsnet-multimnist.safetensors"}
 
 
 class UnknownConfigError(CapsdistError):

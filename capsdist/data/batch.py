@@ -1,4 +1,5 @@
-"""The batch contract every loader yields, the data error type, seed namespaces and the worker placement helper.
+"""The batch contract every loader yields, the data error type, seed namespaces, the worker placement helper and the
+stop check of a wait for data.
 
 Batch = ``{"image": f32 [B,C,H,W], "labels": i64 [B,K], "recon": f32 [B,K,C,H,W]}``, values in [0, 1] (C = 1 but
 for labelled image shards, whose images keep their channels).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import get_worker_info
 
+from capsdist.cluster import signals
 from capsdist.core.errors import CapsdistError
 from capsdist.data import recipe
 
@@ -43,3 +45,19 @@ def worker() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader process, (0, 1) in the main process."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
+
+
+def check_stop() -> None:
+    """Raise ``StopRequested`` if a stop (SIGTERM, SIGUSR1, Ctrl-C) was recorded in this process and it is the main
+    process of a run of one rank. Called while waiting for data that may not come (a stalled read), so that the stop
+    is honoured in seconds, not at a step boundary the wait delays. Loader workers never stop on their own (they
+    ignore the job's signals), and the ranks of a larger run stop at the step boundary, where they agree together."""
+    request = signals.request()
+    if request and get_worker_info() is None and not _several_ranks():
+        raise signals.StopRequested(request)
+
+
+def _several_ranks() -> bool:
+    """Whether this process is one rank of several (an initialised process group of more than one)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -27,16 +27,17 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit
-from capsdist.data.batch import Batch, DataError
+from capsdist.cluster.signals import ignore_job_signals, reap_workers_at_exit, request
+from capsdist.compat.dataloader import PollingLoader
+from capsdist.data.batch import Batch, DataError, check_stop
 from capsdist.data.workers import start_server
 
 STATE_VERSION = 1
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(PollingLoader):
     """DataLoader over a stream: batching in the stream, epoch from a callback, mid-epoch resumable state."""
 
     def __init__(
@@ -47,7 +48,8 @@ class ResumableLoader(DataLoader):
         pin_memory: bool = False,
     ) -> None:
         """``epoch_fn`` (e.g. the trainer's current_epoch) is read at every ``iter()``; default ``set_epoch`` value."""
-        # a stream may bound the wait for one batch (shards on a dead host); only worker processes can time out
+        # a stream may bound the wait for one batch (a worker stuck past its shards' deadlines); only worker
+        # processes can time out (without workers, the shard stream bounds its own waits)
         timeout = getattr(dataset, "loader_timeout", 0) if num_workers > 0 else 0
         # workers ignore the job's signals: slurmstepd sends them to every process, the main process owns the stop;
         # they start from a fork server (capsdist.data.workers: forking this threaded process can deadlock)
@@ -64,6 +66,19 @@ class ResumableLoader(DataLoader):
             reap_workers_at_exit()  # they ignore SIGTERM, so multiprocessing's exit hook alone could wait forever
         self.epoch_fn, self.epoch, self.batches = epoch_fn, 0, 0
         self._pending: dict[str, int] | None = None
+        self._failed = False  # the current pass ended in an error
+
+    def check_wait(self) -> None:
+        """While the loader waits for a worker's batch: honour a stop recorded meanwhile (``check_stop``), so a
+        stalled read in a worker does not hold the training process past its job's kill deadline."""
+        check_stop()
+
+    def workers_expendable(self) -> bool:
+        """Once a stop is recorded or the pass failed, the workers' batches are not needed (a resume makes them
+        again): they are killed, not waited for, when the loader shuts them down. A worker may sit in a stalled
+        read; and after a worker's DataError, shut down by a garbage collection, the workers were seen never to
+        get torch's shutdown message: 10 s per worker either way."""
+        return self._failed or bool(request())
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch to use when no ``epoch_fn`` is given."""
@@ -77,13 +92,15 @@ class ResumableLoader(DataLoader):
         self.dataset.epoch, self.dataset.start = epoch, start
         self.epoch, self.batches = epoch, start
         total = getattr(self.dataset, "num_batches", None)
+        self._failed = False
         try:
             for batch in islice(super().__iter__(), None if total is None else max(0, total - start)):
                 self.batches += 1
                 yield batch
-        except DataError as err:  # raised in a worker: keep the one-paragraph message, not the worker traceback
-            raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
-        except RuntimeError as err:
+        except (DataError, RuntimeError) as err:
+            self._failed = True
+            if isinstance(err, DataError):  # raised in a worker: keep the one-paragraph message, not its traceback
+                raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
             if "timed out" not in str(err):
                 raise
             raise DataError(

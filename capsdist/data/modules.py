@@ -320,7 +320,7 @@ class ShardData(BaseData):
         stream = ShardStream(
             urls, self.batch_size, True, shuffle_buffer=self.shuffle_buffer,
             num_batches=self.train_batches(self._rank()[1]), verify=self.verify_shards, sample_format=self._format(),
-            **self._stream_args(),
+            deadline_s=self.shard_deadline_s, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=True)
 
@@ -340,7 +340,7 @@ class ShardData(BaseData):
         stream = ShardStream(
             expand_shards(shards, name, self._format().writer()), self.batch_size, False, num_batches=batches,
             verify=self.verify_shards,
-            sample_format=self._format(), **self._stream_args(),
+            sample_format=self._format(), deadline_s=self.shard_deadline_s, **self._stream_args(),
         )  # fmt: skip
         return self._loader(stream, train=False)
 

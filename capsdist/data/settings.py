@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from capsdist.core.rules import Rule, integer
+from capsdist.core.rules import Rule, integer, real
 
 MNIST, SHARDS, ONTHEFLY, IMAGES = "mnist", "multimnist_shards", "multimnist_onthefly", "image_shards"
 ALL = frozenset({MNIST, SHARDS, ONTHEFLY, IMAGES})
@@ -72,6 +72,10 @@ SETTINGS: dict[str, Setting] = {
     "pin_memory": Setting(bool, False, "pin batches in page-locked memory for faster host-to-GPU copies.", free=True),
     "verify_shards": Setting(bool, True, "check each local shard's sha256 against its manifest.json as it is read.",
                              sources=SHARD_SOURCES, free=True),
+    "shard_deadline_s": Setting(float, 120.0, "seconds a shard may go without delivering a complete sample (a "
+                                "stalled read) before it is given up, its samples counted as skipped; 3 deadlines "
+                                "without any valid sample stop the run.", real(lambda v: 0 < v <= 86400, "a number of "
+                                "seconds in (0, 86400]"), sources=SHARD_SOURCES, free=True),
 }  # fmt: skip
 DATA_RULES: dict[str, Rule] = {name: s.rule for name, s in SETTINGS.items() if s.rule is not None}
 FREE_ON_RESUME = frozenset(name for name, s in SETTINGS.items() if s.free)

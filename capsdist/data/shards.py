@@ -11,10 +11,21 @@ Training uses ``wds.ResampledShards`` (each rank/worker draws shards with its ow
 never starve a rank), a seeded shuffle buffer, decoding and batching inside the workers, and a fixed number of
 batches per rank per epoch, so DDP never hangs. Validation is one exact pass, shards split by rank then worker.
 Corrupt samples are skipped, counted (over all workers) and logged at a bounded rate with the shard and reason
-(``SkipCounter``); but a worker that reads ``no_sample_limit`` shards in a row, or ``NO_SAMPLE_SECONDS``, without
-one valid sample stops the run with a ``DataError`` naming the shards. A ``DataError`` from a format's decoder (an
-image of another shape, a label the model has no class for) stops the run too. Local shards are checked against
-the ``manifest.json`` beside them as they are read (sha256 and sample count; ``verify=False`` skips the hash).
+(``SkipCounter``); but a worker that reads ``no_sample_limit`` shards in a row, or spends ``NO_SAMPLE_DEADLINES``
+shard deadlines reading, without one valid sample stops the run with a ``DataError`` naming the shards. A
+``DataError`` from a format's decoder (an image of another shape, a label the model has no class for) stops the run
+too.
+
+Local shards are checked against the ``manifest.json`` beside them as they are read (sha256 and sample count;
+``verify=False`` skips the hash).
+
+Every shard has a deadline, whatever the worker count: a daemon thread reads it and hands its samples over a bounded
+queue (``_Handoff``), on which the consumer (a loader worker, or with 0 workers the training process's main thread)
+waits in short slices. A shard that delivers no complete sample for ``deadline_s`` (a host that drips bytes or never
+answers, a stalled ``pipe:`` command, a FIFO) is given up, the rest of it counted as skipped, and a stop recorded in
+the training process is honoured while the read blocks (``check_stop``). The thread reads ahead within its shard
+only: the samples and batches handed out, and so the loader's resume position, are those of a read without it.
+
 Worker streams are seeded by (seed, epoch, rank, logical worker): a resume is exact only for the same
 ``num_workers`` and world size (``ResumableLoader`` refuses any other). This module and ``shard_urls`` (what a
 setting opens) are the only importers of webdataset.
@@ -22,11 +33,14 @@ setting opens) are the only importers of webdataset.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
+import queue
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -39,8 +53,9 @@ from torch.utils.data import IterableDataset
 
 from capsdist.core.shipped import data_tool
 from capsdist.data import recipe
-from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, worker
+from capsdist.data.batch import SHARDS, SHUFFLE, Batch, DataError, check_stop, worker
 from capsdist.data.image_format import ImageFormat
+from capsdist.data.settings import SETTINGS
 from capsdist.data.shard_format import MAX_MEMBER_BYTES, MultiMnistFormat, TooLarge, read_manifest
 from capsdist.data.shard_urls import URL_TIMEOUT, open_shard
 from capsdist.data.shard_urls import expand_shards as expand_shards  # its home until this round; bench imports it here
@@ -49,27 +64,44 @@ log = logging.getLogger(__name__)
 _TAR_BLOCK = 512
 _TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped like webdataset does
 _GZIP = b"\x1f\x8b"
-NO_SAMPLE_SECONDS = 300.0  # a worker with no valid sample for this long stops the run
+NO_SAMPLE_DEADLINES = 3  # a worker with no valid sample for this many shard deadlines stops the run
+READ_AHEAD = 64  # samples a shard's reader thread may hold ahead of the consumer
+WAIT_SLICE_S = 0.5  # a wait for a sample checks the deadline and a stop request this often
 LOG_EVERY_S = 10.0  # after the first few, skip warnings are logged at most this often per process
 
 
-class _Tap:
-    """A read-only stream that hashes every byte read from the underlying one and can put bytes back in front."""
+class _GivenUp(Exception):
+    """The consumer gave the shard up (its deadline passed, or it needs no more samples): the reader stops."""
 
-    def __init__(self, stream: Any, hashing: bool) -> None:
+
+class _Tap:
+    """A read-only stream that hashes every byte read from the underlying one, can put bytes back in front, and
+    stops reading once ``cancelled`` is set (it reads with ``read1`` where the stream has it, so a stream that
+    drips bytes is noticed between two of them)."""
+
+    def __init__(self, stream: Any, hashing: bool, cancelled: threading.Event | None = None) -> None:
         """``hashing``: keep a sha256 of the raw bytes (the manifest's digest is of the file)."""
         self.stream, self.sha, self.front = stream, hashlib.sha256() if hashing else None, b""
+        self.cancelled, self._read1 = cancelled or threading.Event(), getattr(stream, "read1", stream.read)
 
     def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all with -1), front bytes first."""
+        """``size`` bytes (all with -1), fewer only at the end of the stream, front bytes first."""
         front, self.front = self.front, b""
         if size >= 0 and len(front) >= size:
             self.front = front[size:]
             return front[:size]
-        data = self.stream.read(-1 if size < 0 else size - len(front))
-        if self.sha is not None:
-            self.sha.update(data)
-        return front + data
+        chunks, left = [front], size - len(front)
+        while left:
+            if self.cancelled.is_set():
+                raise _GivenUp
+            chunk = self._read1(1 << 16 if left < 0 else left)
+            if not chunk:
+                break
+            if self.sha is not None:
+                self.sha.update(chunk)
+            chunks.append(chunk)
+            left = left - len(chunk) if left > 0 else left
+        return b"".join(chunks)
 
     def drain(self) -> None:
         """Read to the end (tar padding after the end-of-archive blocks), so the digest covers the whole file."""
@@ -191,29 +223,62 @@ class SkipCounter:
 
 class _NoSampleWatch:
     """Stops a worker that reads shard after shard without one valid sample (random bytes, empty files, a dead
-    host): the resampler would otherwise retry them forever."""
+    host, stalled sources): the resampler would otherwise retry them forever."""
 
-    def __init__(self, limit: int, skipped: SkipCounter, fix: str) -> None:
-        """``limit``: shard reads in a row without a valid sample before giving up; ``fix``: the data's own fix."""
-        self.limit, self.skipped, self.fix, self.failed, self.since = limit, skipped, fix, [], time.monotonic()
+    def __init__(self, limit: int, seconds: float, skipped: SkipCounter, fix: str) -> None:
+        """``limit``: shard reads in a row, ``seconds``: time spent in them, without a valid sample before giving
+        up (the time spent reading, not training: with 0 loader workers the steps run between two reads); ``fix``:
+        the data's own fix."""
+        self.limit, self.seconds, self.skipped, self.fix = limit, seconds, skipped, fix
+        self.failed: list[str] = []
+        self.spent = 0.0
 
     def ok(self) -> None:
         """A valid sample arrived."""
         self.failed.clear()
-        self.since = time.monotonic()
+        self.spent = 0.0
 
-    def empty(self, url: str) -> None:
-        """A shard read ended without a valid sample; raise once the limit (reads or seconds) is reached."""
+    def empty(self, url: str, seconds: float) -> None:
+        """A shard read ended without a valid sample after ``seconds``; raise once the limit (reads or seconds) is
+        reached."""
         self.failed.append(url)
-        seconds = time.monotonic() - self.since
-        if len(self.failed) >= self.limit or seconds >= NO_SAMPLE_SECONDS:
+        self.spent += seconds
+        if len(self.failed) >= self.limit or self.spent >= self.seconds:
             names = sorted(set(self.failed))
             raise DataError(
-                f"no valid sample in {len(self.failed)} shard reads in a row ({seconds:.0f} s) from "
+                f"no valid sample in {len(self.failed)} shard reads in a row ({self.spent:.0f} s) from "
                 f"{len(names)} shard(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; last reason: "
                 f"{self.skipped.last or 'the shard holds no samples'}. Fix: check that they are readable and "
-                f"reachable; {self.fix}."
+                f"reachable in time (a shard that delivers no sample within --data.shard_deadline_s is given up); "
+                f"{self.fix}."
             )
+
+
+_END = object()  # a shard's reader thread is done
+
+
+class _Handoff:
+    """One shard's samples, from its reader thread to the consumer: a bounded queue; ``cancelled``, set when the
+    consumer gives the shard up (the thread then stops at its next read or hand-over); ``read``, the samples the
+    thread has taken from the shard; ``last``, when it last handed one over (or started)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(READ_AHEAD)
+        self.cancelled = threading.Event()
+        self.read, self.last = 0, time.monotonic()
+
+    def put(self, item: Any) -> None:
+        """Hand ``item`` over (a sample, an error or ``_END``), waiting while the queue is full; raise ``_GivenUp``
+        once the consumer gives the shard up."""
+        while not self.cancelled.is_set():
+            try:
+                self.queue.put(item, timeout=WAIT_SLICE_S)
+                self.last = time.monotonic()
+                return
+            except queue.Full:
+                pass
+        raise _GivenUp
+
 
 
 SampleFormat = MultiMnistFormat | ImageFormat
@@ -240,7 +305,6 @@ class ShardStream(IterableDataset):
     and infinite (the loader cuts epochs)."""
 
     resume_needs_same_workers = True  # worker streams are seeded per logical worker
-    loader_timeout = 2 * URL_TIMEOUT  # seconds a loader worker may take for one batch before the run stops
 
     def __init__(
         self,
@@ -254,10 +318,12 @@ class ShardStream(IterableDataset):
         num_batches: int | None = None,
         verify: bool = True,
         sample_format: SampleFormat | None = None,
+        deadline_s: float = SETTINGS["shard_deadline_s"].default,
     ) -> None:
         """``num_batches``: batches per rank per epoch (required for training; caps validation); ``verify``: check
         each local shard's sha256 against manifest.json as it is read (sample counts are checked either way);
-        ``sample_format``: what the samples are and how they decode (default: MultiMNIST)."""
+        ``sample_format``: what the samples are and how they decode (default: MultiMNIST); ``deadline_s``: seconds
+        a shard may go without delivering a complete sample before it is given up."""
         if train and not num_batches:
             raise DataError("training on shards needs a fixed epoch length. Fix: set train_batches_per_epoch.")
         self.urls, self.batch_size, self.train = list(urls), batch_size, train
@@ -268,6 +334,9 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size, self.verify = seed, rank, world_size, verify
         self.shuffle_buffer, self.num_batches = shuffle_buffer, num_batches
         self.no_sample_limit = max(8, 2 * len(self.urls))
+        self.deadline_s = deadline_s
+        # seconds a loader worker may take for one batch before the run stops: past the worker's own no-sample stop
+        self.loader_timeout = (NO_SAMPLE_DEADLINES + 1) * deadline_s + URL_TIMEOUT
         self.skipped = SkipCounter(rank)
         self.format = sample_format or MultiMnistFormat()
         self.epoch, self.start = 0, 0  # set by ResumableLoader before each iter()
@@ -312,13 +381,53 @@ class ShardStream(IterableDataset):
         return self.urls[self.rank :: self.world_size]
 
     def _shard(self, url: str) -> Iterator[Any]:
-        """The checked, decoded samples of one shard; corrupt ones are skipped and counted with the shard named."""
+        """The checked, decoded samples of one shard, read by a daemon thread (module docstring): a shard that
+        delivers no complete sample for ``deadline_s`` is given up, the rest of it counted as skipped."""
+        handoff = _Handoff()
+        threading.Thread(target=self._read, args=(url, handoff), name="capsdist-shard", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = handoff.queue.get(timeout=WAIT_SLICE_S)
+                except queue.Empty:
+                    check_stop()
+                    if time.monotonic() - handoff.last >= self.deadline_s:
+                        handoff.cancelled.set()
+                        entry = self.expected.get(url)
+                        reason = f"no complete sample in {self.deadline_s:g} s (stalled; --data.shard_deadline_s)"
+                        self.skipped.add(max(1, entry["count"] - handoff.read) if entry else 1, f"{url}: {reason}")
+                        return
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            handoff.cancelled.set()
+
+    def _read(self, url: str, handoff: _Handoff) -> None:
+        """A shard's reader thread: its checked, decoded samples into ``handoff``, then ``_END`` (or the error
+        that ended the read); corrupt ones are skipped and counted with the shard named. It stops at its next read
+        or hand-over once the consumer gives the shard up."""
+        with contextlib.suppress(_GivenUp):  # given up: a hand-over raises it again at once
+            try:
+                self._checked(url, handoff)
+            except Exception as exn:  # raised by the consumer, in the process that reads
+                handoff.put(exn)
+                return
+            handoff.put(_END)
+
+    def _checked(self, url: str, handoff: _Handoff) -> None:
+        """Hand over the valid samples of one shard, skip and count the corrupt ones, then check the shard
+        against its manifest.json entry (count, sha256)."""
         entry = self.expected.get(url)
         good = bad = 0
         try:
-            tap = _Tap(open_shard(url), hashing=self.verify and entry is not None)
+            tap = _Tap(open_shard(url), self.verify and entry is not None, handoff.cancelled)
             try:
                 for sample in tar_samples(url, tap):
+                    handoff.read += 1
                     if good + bad == 0:
                         check_schema(url, sample, self.format)
                     try:
@@ -330,15 +439,16 @@ class ShardStream(IterableDataset):
                         self.skipped.add(1, f"{url}: {type(exn).__name__}: {exn}")
                         continue
                     good += 1
-                    yield decoded
+                    handoff.put(decoded)
                 tap.drain()
             finally:
                 getattr(tap.stream, "close", lambda: None)()
-        except DataError:
+        except (DataError, _GivenUp):
             raise
         except Exception as exn:  # an unreadable shard (cut, not a tar, unreachable): the rest of it is lost
-            lost = max(1, entry["count"] - good - bad) if entry else 1
-            self.skipped.add(lost, f"{url}: {type(exn).__name__}: {exn}")
+            if not handoff.cancelled.is_set():  # (a shard given up is counted by the consumer)
+                lost = max(1, entry["count"] - good - bad) if entry else 1
+                self.skipped.add(lost, f"{url}: {type(exn).__name__}: {exn}")
             return
         if entry and good + bad < entry["count"]:
             self.skipped.add(entry["count"] - good - bad, f"{url}: {good + bad} samples, manifest.json says "
@@ -352,16 +462,16 @@ class ShardStream(IterableDataset):
 
     def _decoded(self, sources: Iterator[dict[str, Any]]) -> Iterator[Any]:
         """Inflated samples of each shard URL in turn; stops the run if shard after shard yields none."""
-        watch = _NoSampleWatch(self.no_sample_limit, self.skipped, self.fix())
+        watch = _NoSampleWatch(self.no_sample_limit, NO_SAMPLE_DEADLINES * self.deadline_s, self.skipped, self.fix())
         for source in sources:
-            empty = True
+            empty, started = True, time.monotonic()
             for sample in self._shard(source["url"]):
                 if empty:
                     watch.ok()
                     empty = False
                 yield sample
             if empty:
-                watch.empty(source["url"])
+                watch.empty(source["url"], time.monotonic() - started)
 
     def pipeline(self, logical_worker: int) -> wds.DataPipeline:
         """The webdataset pipeline of one worker: shards -> checked samples -> (shuffle) -> batches."""

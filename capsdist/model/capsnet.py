@@ -21,7 +21,7 @@ from capsdist.checkpoint.model_state import ModelState, read_model_state
 from capsdist.checkpoint.weights import CONFIG_KEY, FOLDER_WEIGHTS, bad_file, read_header, read_tensors, write_weights
 from capsdist.core.errors import CapsdistError
 from capsdist.core.rules import ConfigError, check
-from capsdist.core.shipped import weights_path
+from capsdist.core.shipped import WEIGHTS, weights_path
 from capsdist.model.conv import strided_conv2d
 from capsdist.model.routing import RoutingStats, dynamic_routing, squash
 from capsdist.model.rules import MODEL_RULES
@@ -232,7 +232,8 @@ class CapsNet(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "capsnet-mnist", device: str | torch.device = "cpu") -> CapsNet:
         """A float32 CapsNet in eval mode, its architecture read from the file, from any of: shipped weights by name
-        ("capsnet-mnist", 99.60% on MNIST's test digits); a .safetensors file (`capsdist-pretrained export`) or a
+        ("capsnet-mnist", 99.60% on MNIST's test digits; "capsnet-multimnist", 36x36 overlays of two digits, both
+        right on 80.5%); a .safetensors file (`capsdist-pretrained export`) or a
         folder written by `save_pretrained`; a training checkpoint, a single .ckpt file or capsdist's sharded .ckpt
         directory. Files are read safely (safetensors, or torch.load with weights_only): nothing in them runs."""
         path = weights_path(name_or_path)
@@ -240,9 +241,9 @@ class CapsNet(nn.Module):
             path = path / FOLDER_WEIGHTS
         if not path.exists():
             raise CapsdistError(
-                f"no model at {path}. Fix: pass the name of shipped weights (capsnet-mnist), a .safetensors file, a "
-                "folder written by CapsNet.save_pretrained, or a training checkpoint (a .ckpt file, or the .ckpt "
-                "directory of a sharded one)."
+                f"no model at {path}. Fix: pass the name of shipped weights ({', '.join(WEIGHTS)}), a .safetensors "
+                "file, a folder written by CapsNet.save_pretrained, or a training checkpoint (a .ckpt file, or the "
+                ".ckpt directory of a sharded one)."
             )
         if path.is_dir() or zipfile.is_zipfile(path):  # torch.save's format: a training checkpoint
             return load_checkpoint(path, device)[0]

@@ -41,4 +41,5 @@ def load_as_trained(path: str | Path, device: str = "cpu") -> Trained:
     """A weights file as `evaluate`/`figures` take a checkpoint: the model, its settings and its data source."""
     model, meta = load_weights(path, device)
     data = {"source": meta["data_source"]} if meta.get("data_source") else {}
-    return Trained(model, dict(meta[CONFIG_KEY]), data, int(meta.get("global_step", 0)))
+    hparams = {**meta[CONFIG_KEY], "num_targets": int(meta.get("num_targets", 1))}
+    return Trained(model, hparams, data, int(meta.get("global_step", 0)))

@@ -7,8 +7,10 @@ what it scored. Loading builds a `CapsNet` from that JSON and never unpickles or
     python -m capsdist.pretrained export --ckpt runs/mnist/checkpoints/last.ckpt --out capsnet-mnist.safetensors
     python -m capsdist.pretrained check --weights pretrained/capsnet-mnist.safetensors --limit 1000
 
-`check` scores the stored weights on the MNIST test digits with nothing but `CapsNet` and the IDX reader, so
-the recorded accuracy does not depend on the training code path.
+An MNIST model is scored on the 10,000 MNIST test digits with nothing but `CapsNet` and the IDX reader, so the
+recorded accuracy does not depend on the training code path; a model of another source (MultiMNIST) on that
+source's whole test split through `capsdist.evaluate` (the paper's metric, both digits right), export and `check`
+alike.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from capsdist.checkpoint.weights import STORE_DTYPE
 from capsdist.core.errors import prog, user_errors
 from capsdist.core.progress import Progress
 from capsdist.data import mnist
+from capsdist.data.settings import MNIST
 from capsdist.model.capsnet import CapsNet, load_weights
 from capsdist.model.pretrained import model_config, save_weights
 from capsdist.model.trained import load_trained
+from capsdist.tools.evaluate import evaluate, inference_parser, parse_for_inference
 
 
 @torch.inference_mode()
@@ -50,24 +54,66 @@ def mnist_hits(
     return torch.cat(hits)
 
 
-def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Store a checkpoint's CapsNet as safetensors with the test accuracy of exactly the stored (fp16) weights."""
-    trained = load_trained(ckpt)
-    config = model_config(trained.hparams)
-    model = trained.model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
-    started = time.perf_counter()
+def mnist_scores(model: CapsNet, device: str) -> dict[str, Any]:
+    """A one-digit model's scores on all 10,000 MNIST test digits (plain CapsNet + the IDX reader)."""
     hits = mnist_hits(model, device=device, label="pretrained export")
-    scores = {
+    return {
         "test_digits": len(hits),
         "test_correct": int(hits.sum()),
         "test_accuracy": int(hits.sum()) / len(hits),
         "first_1000_correct": int(hits[:1000].sum()),
-        "score_s": round(time.perf_counter() - started, 2),
     }
-    source = {"data_source": trained.data["source"]} if trained.data.get("source") else {}
-    meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **source, **extra, **scores}
+
+
+def stream_scores(
+    flag: str, path: str | Path, model: CapsNet, device: str, limit: int | None = None
+) -> dict[str, Any]:
+    """Another source's scores (MultiMNIST: the paper's metric on the fixed stream of 10,000 test overlays, or its
+    first ``limit``) for ``model``, on the data the checkpoint or weights file at ``path`` (``flag``: --ckpt or
+    --weights) names."""
+    argv = [flag, str(path), "--device", device, *(["--data.val_samples", str(limit)] if limit else [])]
+    _, trained, loader = parse_for_inference(inference_parser("export"), argv)
+    trained.model = model.to(device)
+    scores = evaluate(trained, loader, device)
+    named = {"acc": "test_accuracy", "digit_acc": "test_digit_accuracy", "digit_recon_sse": "test_digit_recon_sse"}
+    return {"test_samples": scores["samples"], **{new: scores[old] for old, new in named.items() if old in scores}}
+
+
+def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Store a checkpoint's CapsNet as safetensors with the test scores of exactly the stored (fp16) weights: on
+    MNIST's test digits for an MNIST model, else on its data source's whole test split (``stream_scores``)."""
+    trained = load_trained(ckpt)
+    config = model_config(trained.hparams)
+    model = trained.model.to(STORE_DTYPE).float()  # score the values the file will hold, not the fp32 originals
+    started = time.perf_counter()
+    source = trained.data.get("source")
+    mnist_model = source in (None, MNIST)
+    scores = mnist_scores(model, device) if mnist_model else stream_scores("--ckpt", ckpt, model, device)
+    scores["score_s"] = round(time.perf_counter() - started, 2)
+    meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
+    meta["num_targets"] = int(trained.hparams.get("num_targets", 1))
+    if source:
+        meta["data_source"] = source
     save_weights(model, config, out, meta)
     return {**meta, "weights": str(out), "bytes": Path(out).stat().st_size}
+
+
+def check(weights: str, limit: int | None, device: str) -> dict[str, Any]:
+    """Score a weights file again, as export did (MNIST digits, or its data source's test split), beside what it
+    recorded."""
+    model, meta = load_weights(weights, device)
+    if meta.get("data_source", MNIST) != MNIST:
+        scores = stream_scores("--weights", weights, model, device, limit)
+        recorded = {k: meta.get(k) for k in ("test_accuracy", "test_digit_accuracy", "global_step")}
+        return {"weights": weights, **scores, "recorded": recorded}
+    hits = mnist_hits(model, limit, device=device, label="pretrained check")
+    return {
+        "weights": weights,
+        "test_digits": len(hits),
+        "test_correct": int(hits.sum()),
+        "test_accuracy": int(hits.sum()) / len(hits),
+        "recorded": {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,30 +122,21 @@ def main(argv: list[str] | None = None) -> None:
         prog=prog("capsdist.pretrained"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="checkpoint -> safetensors, scored on all 10k test digits")
+    ex = sub.add_parser("export", help="checkpoint -> safetensors, scored on its whole test split")
     ex.add_argument("--ckpt", required=True, help="a .ckpt written by capsdist.train")
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
     ex.add_argument("--meta", default="{}", help="JSON object of extra metadata (training command, hardware...)")
-    check = sub.add_parser("check", help="score a weights file on the MNIST test digits")
-    check.add_argument("--weights", required=True, help="a .safetensors written by export")
-    check.add_argument("--limit", type=int, default=None, help="only the first N test digits")
-    for p in (ex, check):
+    score = sub.add_parser("check", help="score a weights file again (MNIST digits, or its source's test split)")
+    score.add_argument("--weights", required=True, help="a .safetensors written by export")
+    score.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    for p in (ex, score):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     with user_errors():
         if args.command == "export":
             result = export(args.ckpt, args.out, json.loads(args.meta), args.device)
         else:
-            model, meta = load_weights(args.weights, args.device)
-            hits = mnist_hits(model, args.limit, device=args.device, label="pretrained check")
-            recorded = {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")}
-            result = {
-                "weights": args.weights,
-                "test_digits": len(hits),
-                "test_correct": int(hits.sum()),
-                "test_accuracy": int(hits.sum()) / len(hits),
-                "recorded": recorded,
-            }
+            result = check(args.weights, args.limit, args.device)
     print(json.dumps(result))
 
 

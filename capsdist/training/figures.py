@@ -5,7 +5,8 @@ end-of-fit W&B upload):
   each row named by its label and prediction.
 - perturbation.png: each of the digit capsule's dimensions (rows, "dim i") tweaked from -0.25 to 0.25 in steps
   of 0.05 (columns, the tweak value) (Fig. 4).
-- separation.png (two-digit models): each digit reconstructed from its own capsule, in its own colour (Fig. 5).
+- separation.png (two-digit models): each digit reconstructed from its own capsule, in its own colour, for
+  correctly and wrongly classified images side by side (Fig. 5).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from capsdist.model.capsnet import CapsNet
+from capsdist.model.metrics import topk_hits
 from capsdist.training.images import (
     PAD,
     colour_overlay,
@@ -67,21 +69,35 @@ def perturbation_sheet(model: CapsNet, images: torch.Tensor) -> Image.Image:
     return side_by_side(sheets)
 
 
-def separation(model: CapsNet, images: torch.Tensor, labels: torch.Tensor) -> Image.Image:
-    """Per image: the input, each digit's reconstruction, and all of them coloured over the input."""
+def separation(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, count: int = 8) -> Image.Image:
+    """The paper's Figure 5: per image the input, each predicted digit reconstructed from its own capsule in its own
+    colour, and all of them over the input; up to ``count // 2`` correctly classified images (the K longest
+    capsules are exactly the K labels) in a left panel and as many wrong ones in a right panel, drawn from the
+    whole batch so both kinds appear whenever it holds them."""
     k = labels.shape[1]
     out = model(images, k=k)
-    colours = COLOURS[:k]
-    columns = []
-    for image, recon in zip(images, out.recon, strict=True):
-        painted = [
-            colour_overlay(torch.zeros_like(image), part.unsqueeze(0), c[None])
-            for part, c in zip(recon, colours, strict=True)
-        ]
-        columns.append(torch.stack([image.expand(3, -1, -1), *painted, colour_overlay(image, recon, colours)]))
-    names = ["input", *(f"capsule {j + 1}" for j in range(k)), "overlay"]
-    picture = to_pil(image_grid(torch.stack(columns)), SCALE)
-    return label_grid(picture, prediction_texts(labels, out.lengths), names, PAD * SCALE)
+    right = topk_hits(out.lengths, labels).all(dim=1)
+    panels = []
+    for title, chosen in (("correct", right), ("wrong", ~right)):
+        idx = chosen.nonzero().flatten()[: max(1, count // 2)]
+        if len(idx):
+            panels.append(_separation_panel(images[idx], out.recon[idx], labels[idx], out.lengths[idx], title))
+    return side_by_side(panels)
+
+
+def _separation_panel(
+    images: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, title: str
+) -> Image.Image:
+    """One panel of ``separation``: a row per image (named "label L, predicted P"), ``title`` in its corner."""
+    colours = COLOURS[: labels.shape[1]]
+    rows = []
+    for image, parts in zip(images, recon, strict=True):
+        blank = torch.zeros_like(image)
+        painted = [colour_overlay(blank, p.unsqueeze(0), c[None]) for p, c in zip(parts, colours, strict=True)]
+        rows.append(torch.stack([image.expand(3, -1, -1), *painted, colour_overlay(image, parts, colours)]))
+    names = ["input", *(f"capsule {j + 1}" for j in range(labels.shape[1])), "overlay"]
+    picture = to_pil(image_grid(torch.stack(rows)), SCALE)
+    return label_grid(picture, prediction_texts(labels, lengths), names, PAD * SCALE, corner=title)
 
 
 @torch.inference_mode()
@@ -91,9 +107,10 @@ def write_figures(
     """Write the labelled figures (PNG; also PDF if asked) for the first `count` images of a batch; returns the
     written paths."""
     device = next(model.parameters()).device
-    images, labels = batch["image"][:count].to(device), batch["labels"][:count].to(device)
+    every, labels_all = batch["image"].to(device), batch["labels"].to(device)
+    images, labels = every[:count], labels_all[:count]
     paths = save_picture(reconstructions(model, images, labels), out_dir / "reconstructions.png", pdf)
     paths += save_picture(perturbation_sheet(model, images[:3]), out_dir / "perturbation.png", pdf)
     if labels.shape[1] > 1:
-        paths += save_picture(separation(model, images, labels), out_dir / "separation.png", pdf)
+        paths += save_picture(separation(model, every, labels_all, count), out_dir / "separation.png", pdf)
     return paths

@@ -8,6 +8,9 @@ the signal lands:
   - during validation (checked after every validation batch): abandon the pass and save the last completed
     training step, marked so that the resumed run redoes that validation (:func:`_redo_validation`);
   - before the first step (setup, sanity check, ``on_train_start``): nothing new to save; just leave;
+  - while the main thread waits for data that does not come (a stalled shard read with 0 loader workers, or the
+    wait for a worker's batch; a run of one rank only: the data loader raises ``StopRequested``): as at the
+    boundary the wait comes before (the last training step saved, or, in validation, as during validation);
   - during the end-of-fit work: the final state is saved as usual, the optional figures are skipped.
 Then W&B is marked preempting and finished (its service survives the signal: capsdist.cluster.wandb_shield), the summary
 line printed, and the process exits with a code that says why (capsdist.cluster.requeue), so a supervisor never
@@ -136,6 +139,13 @@ class GracefulStop(pl.Callback):
         pl_module.on_train_batch_end(*hook_args)
         log_step_values(trainer)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A stop honoured while the data loader waited (``StopRequested``): save and report as the boundary before
+        the wait would; Lightning then re-raises it, which exits with the stop's code."""
+        if isinstance(exception, signals.StopRequested) and trainer.state.fn == "fit":
+            save = self.trained and not trainer.sanity_checking
+            exception.code = self._finish(trainer, signals.request(), save=save)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written during validation resumes by redoing that validation pass."""
         if self._val_progress is not None and not trainer.sanity_checking:
@@ -149,6 +159,11 @@ class GracefulStop(pl.Callback):
         return agree_max(signals.request())
 
     def _stop(self, trainer: pl.Trainer, request: int, save: bool = True) -> None:
+        """Save (``save``), report and exit with the request's code (every rank, at the same point)."""
+        raise TrainingStopped(self._finish(trainer, request, save))
+
+    def _finish(self, trainer: pl.Trainer, request: int, save: bool) -> int:
+        """Save the state reached (``save``), say so, finish W&B; the exit code."""
         started = time.monotonic()
         under_slurm = SLURMEnvironment.detect()
         path = None
@@ -177,7 +192,7 @@ class GracefulStop(pl.Callback):
             finish_wandb(trainer, preempting=request != INTERRUPT, exit_code=code)
         except Exception as err:
             rank_zero_warn(f"capsdist: the W&B run was not finished cleanly ({err}); its local files are kept")
-        raise TrainingStopped(code)
+        return code
 
 
 def _redo_validation(checkpoint: dict, before: dict) -> None:

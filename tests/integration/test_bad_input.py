@@ -4,9 +4,12 @@ one-paragraph message, never a traceback, never a hang, never a command taken fr
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +19,8 @@ import torch
 
 from capsdist.tools import evaluate, figures
 from capsdist.training import cli as train
-from capsdist.training.module import CapsNetModule
 from data_prep import multimnist
-from tests.conftest import REPO, TINY, TINY_MODEL, subprocess_env
+from tests.conftest import REPO, TINY, Dripping, subprocess_env, tiny_checkpoint
 
 FIT = ["fit", *TINY, "--wandb_mode=disabled", "--trainer.max_steps=2"]
 FIT += ["--data.train_samples=64", "--data.val_samples=32"]
@@ -128,23 +130,12 @@ def test_nonfinite_loss_stops_at_first_step_with_finite_checkpoints(
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path.name
 
 
-def _checkpoint(path: Path, data: dict, image_size: int = 28, num_targets: int = 1) -> Path:
-    """A capsdist checkpoint of a tiny untrained model with the given saved data settings."""
-    module = CapsNetModule(num_targets=num_targets, image_size=image_size, **TINY_MODEL)
-    torch.save(
-        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 0,
-         "datamodule_hyper_parameters": data},
-        path,
-    )  # fmt: skip
-    return path
-
-
 @pytest.mark.parametrize("cli", [evaluate, figures])
 def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A `pipe:` shard spec saved in a checkpoint is refused by evaluate and figures; the command never runs."""
     planted = tmp_path / "planted"
     data = {"source": "multimnist_shards", "val_shards": f"pipe:touch {planted}", "batch_size": 8}
-    ckpt = _checkpoint(tmp_path / "bad.ckpt", data, image_size=36, num_targets=2)
+    ckpt = tiny_checkpoint(tmp_path / "bad.ckpt", data, image_size=36, num_targets=2)
     with pytest.raises(SystemExit) as stop:
         cli.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.num_workers=0"])
     err = capsys.readouterr().err
@@ -155,7 +146,7 @@ def test_checkpoint_pipe_is_never_run(cli, tmp_path: Path, capsys: pytest.Captur
 
 def test_checkpoint_of_the_other_dataset_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A MultiMNIST checkpoint evaluated on MNIST: refused before any forward pass, naming its training data."""
-    ckpt = _checkpoint(tmp_path / "mm.ckpt", {"source": "multimnist_onthefly"}, image_size=36, num_targets=2)
+    ckpt = tiny_checkpoint(tmp_path / "mm.ckpt", {"source": "multimnist_onthefly"}, image_size=36, num_targets=2)
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--ckpt", str(ckpt), "--device", "cpu", "--data.source=mnist", "--data.val_samples=8"])
     err = capsys.readouterr().err
@@ -178,6 +169,37 @@ def test_random_byte_shards_stop_fit_promptly(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "no valid sample" in done.stderr and "junk-0.tar" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr) < 20000  # skip warnings are rate-limited
+
+
+def test_sigterm_during_a_stalled_read_saves_and_exits(
+    shards: Path, dripping: Dripping, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # fmt: skip
+    """0 loader workers, one shard on a host that drips bytes (deadline far off): a SIGTERM while the read blocks
+    saves the last step and exits 143 within seconds (it was recorded and never acted on, past 7 minutes: under
+    SLURM, KillWait then killed the job with nothing saved)."""
+    # data seed 5 draws the stalled host after 7 steps
+    args = [*FIT, f"--trainer.default_root_dir={tmp_path}", "--data.source=multimnist_shards", "--data.batch_size=4",
+            f"--data.train_shards=[{shards / 'test-000000.tar'}, {dripping.url('stalled.tar')}]",
+            "--data.train_batches_per_epoch=50", "--data.shuffle_buffer=1", "--trainer.limit_val_batches=0",
+            "--trainer.max_steps=50", "--data.seed=5"]  # fmt: skip
+    sent: list[float] = []
+
+    def terminate_once_reading() -> None:  # the CLI owns SIGTERM by then (capsdist.cluster.signals)
+        if dripping.requested.wait(120):
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_reading, daemon=True).start()
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    took = time.monotonic() - sent[0]
+    out, err = capsys.readouterr()
+    assert stop.value.code == 143 and took < 10, (took, err[-2000:])
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == "SIGTERM" and summary["global_step"] > 0
+    saved = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert saved["global_step"] == summary["global_step"]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == summary["global_step"]
 
 
 def test_data_prep_second_writer_refused_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

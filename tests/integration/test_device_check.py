@@ -12,6 +12,8 @@ import torch
 
 from capsdist.model.capsnet import load_weights
 from capsdist.tools.pretrained import mnist_hits
+from capsdist.training.diagnostics import train_flops_per_image
+from capsdist.training.module import CapsNetModule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,16 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     assert service["batch_size"] == 8 and service["cli_images_per_s"] > 0 and service["ratio"] > 0
     multimnist = by_what["multimnist"][0]
     assert multimnist["exit_code"] == 0 and 0 <= multimnist["test_error"] <= 1
+    # the paper's MultiMNIST run: a row per validation (every 2 of 4 steps at batch 16), then the FLOP estimate
+    paper, estimate = by_what["multimnist_paper_val"], by_what["multimnist_paper_estimate"][0]
+    assert by_what["multimnist_paper"][0]["exit_code"] == 0
+    assert [(r["steps"], r["images_seen"]) for r in paper] == [(2, 32), (4, 64)]
+    assert all(0 <= r["val_acc"] <= r["val_digit_acc"] <= 1 and r["images_per_s"] > 0 for r in paper)
+    assert paper[0]["wall_s"] < paper[1]["wall_s"] and estimate["images_seen"] == 64
+    assert estimate["train_flops_per_image"] == paper_model_flops()
+    assert estimate["paper_flops"] == estimate["train_flops_per_image"] * 60_000_000
+    hours = 60_000_000 / estimate["train_images_per_s"] / 3600
+    assert estimate["paper_hours_at_train_rate"] == pytest.approx(hours, rel=0.01)
     assert by_what["done"][0]["failures"] == 0
     # the exported file holds what the row says: its weights score the recorded accuracy on the test digits
     shipped = by_what["pretrained"][0]
@@ -50,6 +62,12 @@ def test_device_check_smoke_runs_every_stage_and_ships_a_loadable_model(tmp_path
     assert meta["global_step"] == train["steps"] and meta["test_correct"] == shipped["test_correct"]
     assert int(mnist_hits(model, limit=1000).sum()) == meta["first_1000_correct"]
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+
+
+def paper_model_flops() -> int:
+    """Training FLOPs per image of the smoke run's paper-config model, as the training CLI counts them."""
+    module = CapsNetModule(num_targets=2, image_size=36, conv_channels=8, primary_channels=4, decoder_hidden=[16])
+    return train_flops_per_image(module)
 
 
 def test_stages_choose_what_runs(tmp_path):

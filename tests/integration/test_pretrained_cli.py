@@ -15,7 +15,7 @@ from PIL import Image
 from capsdist.model.capsnet import load_weights
 from capsdist.tools import pretrained
 from capsdist.tools.pretrained import mnist_hits
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, tiny_checkpoint
 
 WEIGHTS = REPO / "pretrained" / "capsnet-mnist.safetensors"
 
@@ -73,3 +73,21 @@ def test_training_starts_from_the_shipped_weights_and_refuses_a_misfit(tmp_path,
                  "--trainer.default_root_dir", str(tmp_path / "other"))  # fmt: skip
     assert misfit.returncode == 2
     assert "do not fit the configured model" in misfit.stderr and "conv_channels" in misfit.stderr
+
+
+def test_export_scores_a_multimnist_model_on_its_test_stream(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """A MultiMNIST checkpoint exports with the paper's metric over the whole fixed stream of 10,000 test overlays
+    (not MNIST digits it cannot read), its data source recorded; `check` and evaluate --weights read the source
+    from the file and score the stream's first 500 overlays alike."""
+    data = {"source": "multimnist_onthefly", "batch_size": 500, "num_workers": 0, "val_samples": 64}
+    ckpt = tiny_checkpoint(tmp_path / "mm.ckpt", data, image_size=36, num_targets=2)
+    out = tmp_path / "mm.safetensors"
+    pretrained.main(["export", "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu"])
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["data_source"] == "multimnist_onthefly" and exported["test_samples"] == 10_000  # not val_samples
+    assert 0 <= exported["test_accuracy"] <= exported["test_digit_accuracy"] <= 1 and "test_digits" not in exported
+    pretrained.main(["check", "--weights", str(out), "--device", "cpu", "--limit", "500"])
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["test_samples"] == 500 and checked["recorded"]["test_accuracy"] == exported["test_accuracy"]
+    done = run("capsdist.evaluate", "--weights", str(out), "--data.val_samples", "500", "--device", "cpu")
+    assert json.loads(done.stdout)["acc"] == checked["test_accuracy"], done.stderr

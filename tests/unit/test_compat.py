@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
+from capsdist.compat import dataloader as dataloader_seam
 from capsdist.compat import dcp, lightning
 from capsdist.compat import jsonargparse as jsonargparse_seam
 from capsdist.compat import wandb as wandb_seam
@@ -84,6 +85,22 @@ def test_dcp_private_names_exist() -> None:
     _has(ShardedTensor, "_init_from_local_shards_and_global_metadata", dcp.WRITTEN_FOR, "torch")
     for (module, name), value in dcp.PRIVATE_METADATA_CLASSES.items():
         assert getattr(importlib.import_module(module), name) is value, f"torch {torch.__version__}: {module}.{name}"
+
+
+def test_torch_dataloader_private_names_exist() -> None:
+    """The loader's checked waits and expendable workers override and read these (the stop tests in
+    tests/unit/test_shard_faults.py run them with a worker)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils import signal_handling
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    iterator = _MultiProcessingDataLoaderIter
+    for owner, name in [(DataLoader, "_get_iterator"), (iterator, "_try_get_data"), (iterator, "_shutdown_workers"),
+                        (signal_handling, "_remove_worker_pids")]:  # fmt: skip
+        _has(owner, name, dataloader_seam.WRITTEN_FOR, "torch")
+    assert "timeout" in inspect.signature(iterator._try_get_data).parameters
+    source = inspect.getsource(iterator)
+    assert all(f"self.{name} =" in source for name in ("_shutdown", "_workers", "_worker_pids_set")), torch.__version__
 
 
 def test_jsonargparse_private_loader_exists() -> None:

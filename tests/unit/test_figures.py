@@ -48,3 +48,33 @@ def test_reconstructions_name_label_and_prediction(test_split):
     left, top, cells = split_margins(labelled, raw)
     assert np.array_equal(cells, np.asarray(raw))
     assert bands_have_text(left, 4, axis=0) and bands_have_text(top, 2, axis=1)
+
+
+def test_separation_shows_correct_and_wrong_images_apart(test_split):
+    """Fig. 5: correctly classified overlays in the left panel, wrong ones in the right, each digit painted from its
+    own capsule in its own colour (red for the first capsule, green for the second)."""
+    torch.manual_seed(0)
+    model = CapsNet(**{**TINY_NET, "image_size": 36}).eval()
+    digits = test_split[0][:8].float() / 255
+    images = torch.zeros(4, 1, 36, 36)
+    for i in range(4):  # two digits overlaid, shifted apart
+        images[i, 0, :28, :28] = digits[2 * i]
+        images[i, 0, 8:, 8:] = torch.maximum(images[i, 0, 8:, 8:], digits[2 * i + 1])
+    with torch.inference_mode():
+        out = model(images, k=2)
+        top2 = out.lengths.topk(2, dim=1).indices
+        others = out.lengths.topk(4, dim=1).indices[:, 2:]
+        labels = torch.cat([top2[:2], others[2:]])  # images 0, 1 right by construction; 2, 3 wrong
+        picture = figures.separation(model, images, labels, count=4)
+        right = figures._separation_panel(images[:2], out.recon[:2], labels[:2], out.lengths[:2], "correct")
+        wrong = figures._separation_panel(images[2:], out.recon[2:], labels[2:], out.lengths[2:], "wrong")
+    a = np.asarray(picture)
+    assert picture.width > right.width + wrong.width  # two panels, a gap between
+    assert np.array_equal(a[: right.height, : right.width], np.asarray(right))
+    assert np.array_equal(a[: wrong.height, -wrong.width :], np.asarray(wrong))
+    with torch.inference_mode():  # the first capsule's digit alone, as its column shows it
+        first = to_pil(figures.colour_overlay(torch.zeros(1, 36, 36), out.recon[0, :1], figures.COLOURS[:1]))
+    red, green, blue = np.asarray(first).astype(float).transpose(2, 0, 1)
+    lit = red > 40
+    assert lit.any()
+    assert np.allclose(green[lit], red[lit] / 4, atol=1.5) and np.allclose(blue[lit], red[lit] / 4, atol=1.5)

@@ -1,13 +1,16 @@
 """The shard reader on input it did not write or that went bad: other writers' tars, gzip, shards with no valid
-sample, bad labels, manifests that disagree, skip counts over workers, rate-limited logging."""
+sample, bad labels, manifests that disagree, skip counts over workers, rate-limited logging, stalled hosts."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 import shutil
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,12 @@ import torch
 import webdataset as wds
 
 from capsdist import data
+from capsdist.cluster import signals
 from capsdist.data import shard_format
-from tests.conftest import check_multimnist, same_batches
+from capsdist.data.shards import NO_SAMPLE_DEADLINES
+from tests.conftest import Dripping, check_multimnist, same_batches
+
+DEADLINE = 1.0  # seconds a shard may go without a complete sample in these tests (--data.shard_deadline_s)
 
 
 def _val(spec: str | Path, batch: int = 10, workers: int = 0, **kw: object) -> tuple[list[dict], data.ShardStream]:
@@ -120,3 +127,63 @@ def test_manifest_sha256_and_counts_checked(shards: Path, tmp_path: Path) -> Non
     read = sum(len(b["labels"]) for b in batches)
     assert (read, stream.skipped.count) == (80, 20)  # 10 of the cut shard's 30 samples survive
     assert "test-000001.tar: ValueError: truncated" in stream.skipped.last
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stalled_shard_is_skipped_and_counted(shards: Path, dripping: Dripping, workers: int) -> None:
+    """A host that drips bytes (every read succeeds, no sample ever completes) is given up after the deadline and
+    counted as skipped, and the epoch goes on from the good shard, with or without loader workers (with 0 it hung
+    the run for good; with 1 it stopped the run after 120 s). A slow step between batches is not time a source
+    failed: only reading counts towards the no-sample stop (3 deadlines)."""
+    urls = [str(shards / "test-000000.tar"), dripping.url("stalled.tar")]
+    stream = data.ShardStream(urls, 10, train=True, num_batches=6, shuffle_buffer=1, deadline_s=DEADLINE)
+    started, batches = time.monotonic(), []
+    for batch in data.ResumableLoader(stream, workers):
+        batches.append(batch)
+        if len(batches) == 1:
+            time.sleep(2 * DEADLINE)  # a slow training step, inside the good shard's samples
+    took, stalls = time.monotonic() - started, len(dripping.requests)
+    assert len(batches) == 6 and all(len(b["labels"]) == 10 for b in batches)
+    assert stalls >= 1 and 1 <= stream.skipped.count <= stalls  # a draw still waiting at the epoch's end: uncounted
+    assert took < stalls * (DEADLINE + 1) + 2 * DEADLINE + 10, took
+    if workers == 0:  # (a worker's last reason stays in the worker)
+        assert stream.skipped.last.endswith("stalled.tar: no complete sample in 1 s (stalled; --data.shard_deadline_s)")
+
+
+def test_stalled_sources_stop_the_run_with_the_shards_named(dripping: Dripping) -> None:
+    """Every source stalls: training stops after NO_SAMPLE_DEADLINES deadlines without a sample, naming the shards,
+    and a validation pass ends with its one-pass error (both used to wait forever)."""
+    urls = [dripping.url("a.tar"), dripping.url("b.tar")]
+    started = time.monotonic()
+    with pytest.raises(data.DataError, match=r"no valid sample in 3 shard reads in a row \(\d s\) from 2 shard\(s\): "
+                       r"\S+/a.tar, \S+/b.tar; last reason: \S+ no complete sample in 1 s \(stalled"):  # fmt: skip
+        list(data.ResumableLoader(data.ShardStream(urls, 4, train=True, num_batches=3, deadline_s=DEADLINE)))
+    assert time.monotonic() - started < NO_SAMPLE_DEADLINES * (DEADLINE + 1) + 3
+    with pytest.raises(data.DataError, match=r"no valid sample in one pass over 2 shard\(s\)"):
+        _val("::".join(urls), deadline_s=DEADLINE)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_is_honoured_while_a_read_blocks(
+    dripping: Dripping, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A stop recorded while the only shard's read blocks (deadline far off) ends the wait within a second or two
+    with the stop's exit code, and a worker stuck in that read is killed, not waited for (torch's shutdown took
+    10 s: a join, a SIGTERM the workers ignore, a join)."""
+    monkeypatch.setitem(signals._state, "request", 0)  # restored after the test
+    loader = data.ResumableLoader(data.ShardStream([dripping.url("s.tar")], 4, True, num_batches=3), workers)
+    requested: list[float] = []
+
+    def stop_once_reading() -> None:
+        if dripping.requested.wait(60):
+            requested.append(time.monotonic())
+            signals.raise_request(signals.TERMINATE)
+
+    threading.Thread(target=stop_once_reading, daemon=True).start()
+    with pytest.raises(signals.StopRequested) as stop:
+        list(loader)
+    assert stop.value.code == 143 and time.monotonic() - requested[0] < 3
+    started = time.monotonic()
+    del stop  # the last reference to the abandoned iterator, which shuts its workers down
+    gc.collect()
+    assert time.monotonic() - started < 3

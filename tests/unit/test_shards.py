@@ -56,12 +56,14 @@ def test_train_shards_equal_batches_per_rank(shards: Path, workers: int) -> None
         assert counts == [6, 6]
 
 
-def test_shard_resume_same_epoch_seeds(shards: Path) -> None:
-    """Shard streams resume at the right epoch with the right seeds: resumed == tail (same worker count)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_resume_same_epoch_seeds(shards: Path, workers: int) -> None:
+    """Shard streams resume at the right epoch with the right seeds: resumed == tail (same worker count; with 0,
+    the shards' reader threads read ahead of the batches handed out, which the resume position does not count)."""
     urls = data.expand_shards(str(shards))
 
     def loader() -> data.ResumableLoader:
-        return data.ResumableLoader(data.ShardStream(urls, 8, True, seed=3, shuffle_buffer=20, num_batches=7), 2)
+        return data.ResumableLoader(data.ShardStream(urls, 8, True, seed=3, shuffle_buffer=20, num_batches=7), workers)
 
     full = epoch_batches(loader(), 1)
     assert same_batches(epoch_batches(loader(), 2, {"epoch": 2, "batches": 3}), epoch_batches(loader(), 2)[3:])

@@ -45,3 +45,20 @@ def test_fix_messages_name_the_data_tools_as_installed(tmp_path: Path, monkeypat
     assert shipped.data_tool("multimnist") == "python -m data_prep.multimnist"
     monkeypatch.setattr(shipped, "PACKAGE", tmp_path / "site-packages" / "capsdist")
     assert (shipped.data_tool("mnist"), shipped.data_tool("multimnist")) == ("capsdist-mnist", "capsdist-shards")
+
+
+def test_the_multimnist_model_by_name_separates_two_digits(test_split) -> None:
+    """capsnet-multimnist loads by name as a 36x36 two-digit model whose recorded scores are those of its card,
+    and on two test digits overlaid it finds both among its two longest capsules."""
+    model = CapsNet.from_pretrained("capsnet-multimnist")
+    _, meta = load_weights(shipped.weights_path("capsnet-multimnist"))
+    assert (meta["data_source"], meta["num_targets"], meta["test_samples"]) == ("multimnist_onthefly", 2, 10_000)
+    assert meta["test_accuracy"] == pytest.approx(0.8047, abs=1e-4)
+    images, labels = test_split
+    first, second = next((i, j) for i in range(50) for j in range(i + 1, 50) if labels[i] != labels[j])
+    canvas = torch.zeros(1, 1, 36, 36)
+    canvas[0, 0, 2:30, 2:30] = images[first].float() / 255
+    canvas[0, 0, 6:34, 6:34] = torch.maximum(canvas[0, 0, 6:34, 6:34], images[second].float() / 255)
+    with torch.inference_mode():
+        longest = set(model(canvas, k=2).lengths.topk(2).indices[0].tolist())
+    assert longest == {int(labels[first]), int(labels[second])}
