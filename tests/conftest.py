@@ -7,7 +7,7 @@ scripts/install_slurm.sh installs), ``gpu`` (needs CUDA; skipped without it).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,18 @@ TINY_NET = dict(conv_channels=16, primary_channels=4, primary_dim=4, caps_layers
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for `python -m ...` subprocesses: this checkout importable (not an installed copy)."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def refused(main: Callable[[list[str]], object], args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command's ``main(args)`` in this process (``python -m ...`` less the interpreter's start, seconds of
+    imports: refusals come before any work) and check it refuses: exit 2, one ``capsdist: error:`` paragraph, no
+    traceback. Returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("capsdist: error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
 
 
 def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 1) -> Path:
