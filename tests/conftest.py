@@ -55,12 +55,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def refused(main: Callable[[list[str]], object], args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """Run a command's ``main(args)`` in this process (``python -m ...`` less the interpreter's start, seconds of
     imports: refusals come before any work) and check it refuses: exit 2, one ``capsdist: error:`` paragraph, no
-    traceback. Returns that line."""
+    traceback, and nothing left behind that the real process's exit would have ended (a process group, a child
+    process). Returns that line."""
+    children = set(child_pids(os.getpid()))
     with pytest.raises(SystemExit) as stop:
         main(args)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("capsdist: error:")]
     assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert not torch.distributed.is_initialized() and set(child_pids(os.getpid())) <= children
     return errors[0]
 
 
