@@ -139,8 +139,12 @@ def child_pids(pid: int) -> list[int]:
 
 # The files that take over a minute on 2 cores, longest first: pytest-xdist (`--dist loadfile`, pyproject's addopts)
 # hands whole files to its workers in collection order, so these start first and no long file is left for the end.
-LONGEST_FIRST = ["test_preemption.py", "test_hostile_files.py", "test_device_check.py", "test_large_run.py",
-                 "test_restarts.py", "test_resume_exact.py", "test_resume.py", "test_capsule_parallel_training.py"]
+# Measured 2026-12-07 on the 2-core Xeon under load 5-14 (one file per process, and the first files of a 3-worker
+# run): test_hostile_files fell from 7.7 to 4.7 min once its refusals ran in-process; test_train (in-process fits,
+# 7-9 min, the most CPU of any file) had been left for the end.
+LONGEST_FIRST = ["test_preemption.py", "test_device_check.py", "test_resume_exact.py", "test_resume.py",
+                 "test_large_run.py", "test_restarts.py", "test_train.py", "test_hostile_files.py",
+                 "test_capsule_parallel_training.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
