@@ -139,12 +139,13 @@ def child_pids(pid: int) -> list[int]:
 
 # The files that take over a minute on 2 cores, longest first: pytest-xdist (`--dist loadfile`, pyproject's addopts)
 # hands whole files to its workers in collection order, so these start first and no long file is left for the end.
-# Measured 2026-12-07 on the 2-core Xeon under load 5-14 (one file per process, and the first files of a 3-worker
-# run): test_hostile_files fell from 7.7 to 4.7 min once its refusals ran in-process; test_train (in-process fits,
-# 7-9 min, the most CPU of any file) had been left for the end.
-LONGEST_FIRST = ["test_preemption.py", "test_device_check.py", "test_resume_exact.py", "test_resume.py",
-                 "test_large_run.py", "test_restarts.py", "test_train.py", "test_hostile_files.py",
-                 "test_capsule_parallel_training.py"]
+# Summed test durations of the 3-worker README run, 2026-12-07 (2-core Xeon, load 1-5 from other jobs; 16 min 30 s):
+# preemption 386 s, device_check 303, resume 194, resume_exact 188, large_run 178, capsule_parallel_training 176,
+# train 158 (in-process fits; it had been left for the end), restarts 156, hostile_files 94 (its refusals now run
+# in-process), wheel 90.
+LONGEST_FIRST = ["test_preemption.py", "test_device_check.py", "test_resume.py", "test_resume_exact.py",
+                 "test_large_run.py", "test_capsule_parallel_training.py", "test_train.py", "test_restarts.py",
+                 "test_hostile_files.py", "test_wheel.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
