@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,21 @@ def tiny_checkpoint(path: Path, data: dict, image_size: int = 28, num_targets: i
         path,
     )  # fmt: skip
     return path
+
+
+def refused(main: Callable[[list[str]], object], args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command's ``main(args)`` in this process (``python -m ...`` less the interpreter's start, seconds of
+    imports: refusals come before any work) and check it refuses: exit 2, one ``capsdist: error:`` paragraph, no
+    traceback, and nothing left behind that the real process's exit would have ended (a process group, a child
+    process). Returns that line."""
+    children = set(child_pids(os.getpid()))
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("capsdist: error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert not torch.distributed.is_initialized() and set(child_pids(os.getpid())) <= children
+    return errors[0]
 
 
 def make_shards(out: Path, split: str, count: int, shard_size: int, seed: int = 1) -> Path:
@@ -140,8 +155,13 @@ def child_pids(pid: int) -> list[int]:
 
 # The files that take over a minute on 2 cores, longest first: pytest-xdist (`--dist loadfile`, pyproject's addopts)
 # hands whole files to its workers in collection order, so these start first and no long file is left for the end.
-LONGEST_FIRST = ["test_preemption.py", "test_hostile_files.py", "test_device_check.py", "test_large_run.py",
-                 "test_restarts.py", "test_resume_exact.py", "test_resume.py", "test_capsule_parallel_training.py"]
+# Summed test durations of the 3-worker README run, 2026-12-07 (2-core Xeon, load 1-5 from other jobs; 16 min 30 s):
+# preemption 386 s, device_check 303, resume 194, resume_exact 188, large_run 178, capsule_parallel_training 176,
+# train 158 (in-process fits; it had been left for the end), restarts 156, hostile_files 94 (its refusals now run
+# in-process), wheel 90.
+LONGEST_FIRST = ["test_preemption.py", "test_device_check.py", "test_resume.py", "test_resume_exact.py",
+                 "test_large_run.py", "test_capsule_parallel_training.py", "test_train.py", "test_restarts.py",
+                 "test_hostile_files.py", "test_wheel.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

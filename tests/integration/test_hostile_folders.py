@@ -23,19 +23,9 @@ from capsdist.checkpoint import __main__ as convert
 from capsdist.checkpoint import sharded
 from capsdist.tools import evaluate
 from capsdist.training import cli as train
-from tests.conftest import TINY
+from tests.conftest import TINY, refused
 
 RUN = [*TINY, "--wandb_mode=disabled", "--trainer.max_steps=1", "--data.train_samples=32"]
-
-
-def refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run ``python -m capsdist.train ARGS`` here; its one-paragraph error (exit 2, no traceback)."""
-    with pytest.raises(SystemExit) as stop:
-        train.main(args)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("capsdist: error:")]
-    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -69,7 +59,7 @@ def test_a_planted_link_in_the_run_folder_is_refused(name: str, tmp_path: Path, 
     run.mkdir()
     (run / name).symlink_to(target)
     command, *flags = LINKS[name]
-    error = refused([command, *RUN, f"--trainer.default_root_dir={run}", *flags], capsys)
+    error = refused(train.main, [command, *RUN, f"--trainer.default_root_dir={run}", *flags], capsys)
     assert f"holds {name}, a symbolic link to {target}" in error and f"Fix: remove it (`rm {run / name}`" in error
     assert snapshot(target) == before and os.listdir(run) == [name]
 
@@ -79,7 +69,7 @@ def test_a_fifo_in_the_run_folder_is_refused(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     run.mkdir()
     os.mkfifo(run / "config.yaml")
-    error = refused(["fit", *RUN, f"--trainer.default_root_dir={run}"], capsys)
+    error = refused(train.main, ["fit", *RUN, f"--trainer.default_root_dir={run}"], capsys)
     assert "holds config.yaml, a FIFO" in error and os.listdir(run) == ["config.yaml"]
 
 
@@ -170,17 +160,13 @@ def test_a_malformed_sharded_checkpoint_is_refused(case: str, command: str, tmp_
     sharded.save({"state_dict": {"w": torch.ones(64, 64)}, "global_step": 3, "pytorch-lightning_version": "2.6.6"},
                  folder, {})  # fmt: skip
     phrase = MALFORMED[case](folder, outside)
-    with pytest.raises(SystemExit) as stop:
-        if command == "convert":
-            convert.main(["convert", str(folder), str(out)])
-        elif command == "evaluate":
-            evaluate.main(["--ckpt", str(folder), "--device", "cpu"])
-        else:
-            train.main(["fit", *RUN, f"--ckpt_path={folder}", f"--trainer.default_root_dir={run}"])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("capsdist: error:")]
-    assert len(errors) == 1 and phrase in errors[0] and "Fix: " in errors[0], err[-3000:]
+    if command == "convert":
+        error = refused(convert.main, ["convert", str(folder), str(out)], capsys)
+    elif command == "evaluate":
+        error = refused(evaluate.main, ["--ckpt", str(folder), "--device", "cpu"], capsys)
+    else:
+        error = refused(train.main, ["fit", *RUN, f"--ckpt_path={folder}", f"--trainer.default_root_dir={run}"], capsys)
+    assert phrase in error and "Fix: " in error, error
     assert not out.exists() and not run.exists() and not (tmp_path / "MARKER").exists()
 
 
@@ -222,8 +208,8 @@ def test_a_config_naming_other_code_is_refused_before_importing_it(case: str, pl
     (tmp_path / "sub.yaml").write_text(yaml.safe_dump(CODE["callbacks class_path"][0]["trainer"]))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    error = refused(["fit", "--config", str(tmp_path / "config.yaml"), *RUN, f"--trainer.default_root_dir={run}"],
-                    capsys)  # fmt: skip
+    args = ["fit", "--config", str(tmp_path / "config.yaml"), *RUN, f"--trainer.default_root_dir={run}"]
+    error = refused(train.main, args, capsys)
     assert f"the config names the code {name!r} ({where})" in error, error
     assert f"export CAPSDIST_CONFIG_MODULES={name.split('.')[0]}" in error
     assert not planted.exists() and not run.exists()

@@ -15,7 +15,8 @@ from PIL import Image
 from capsdist.model.capsnet import load_weights
 from capsdist.tools import pretrained
 from capsdist.tools.pretrained import mnist_hits
-from tests.conftest import REPO, subprocess_env, tiny_checkpoint
+from capsdist.training import cli as train
+from tests.conftest import REPO, refused, subprocess_env, tiny_checkpoint
 
 WEIGHTS = REPO / "pretrained" / "capsnet-mnist.safetensors"
 
@@ -61,18 +62,20 @@ def test_figures_from_weights_draw_the_perturbation_grid(tmp_path):
     assert 0.05 < grid.mean() < 0.6 and grid.max() == 1.0  # drawn digits, not a blank or saturated canvas
 
 
-def test_training_starts_from_the_shipped_weights_and_refuses_a_misfit(tmp_path, first_500_correct):
-    common = ["--config", "configs/mnist.yaml", "--model.init_weights", str(WEIGHTS), "--wandb_mode", "disabled"]
+def test_training_starts_from_the_shipped_weights_and_refuses_a_misfit(tmp_path, first_500_correct, capsys):
+    """validate from the shipped weights scores as the independent scorer; a model they do not fit is refused (in
+    this process: the refusal comes before any work)."""
+    common = ["--config", str(REPO / "configs" / "mnist.yaml"), "--model.init_weights", str(WEIGHTS)]
+    common += ["--wandb_mode", "disabled"]
     common += ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false"]
     done = run("capsdist.train", "validate", *common, "--data.val_samples", "500", "--data.num_workers", "0",
                "--trainer.default_root_dir", str(tmp_path / "run"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(next((tmp_path / "run" / "csv").glob("version_*/metrics.csv")).open()))
     assert round(float(rows[-1]["val/acc"]) * 500) == first_500_correct
-    misfit = run("capsdist.train", "validate", *common, "--model.conv_channels", "64",
-                 "--trainer.default_root_dir", str(tmp_path / "other"))  # fmt: skip
-    assert misfit.returncode == 2
-    assert "do not fit the configured model" in misfit.stderr and "conv_channels" in misfit.stderr
+    misfit = refused(train.main, ["validate", *common, "--model.conv_channels", "64", "--trainer.default_root_dir",
+                                  str(tmp_path / "other")], capsys)  # fmt: skip
+    assert "do not fit the configured model" in misfit and "conv_channels" in misfit, misfit
 
 
 def test_export_scores_a_multimnist_model_on_its_test_stream(tmp_path, capsys: pytest.CaptureFixture) -> None:

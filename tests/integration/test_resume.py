@@ -1,6 +1,7 @@
 """The resume rule and stops outside SLURM, run as a user would: `fit` twice, Ctrl-C, SIGTERM, damaged files.
 
-Each test reads back what the CLI printed and what it left in the run folder (README "Training": resume rule).
+Each test reads back what the CLI printed and what it left in the run folder (README "Training": resume rule). The
+refusals run the CLI's main in this process (they come before any work); runs, stops and resumes are subprocesses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from capsdist.core.files import atomic_save
 from capsdist.data.modules import CapsDataModule
-from tests.conftest import TINY
+from capsdist.training import cli as train
+from tests.conftest import TINY, refused
 from tests.scale_probe import probe_config, records, train_env, wait_paused
 
 DATA = ["--data.train_samples=128", "--data.val_samples=32", "--wandb_mode=disabled"]
@@ -59,12 +61,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_fit_into_used_folder_refuses_and_changes_nothing(trained: Path) -> None:
+def refit(root: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """`fit` on the tiny model into ``root`` in this process, as a refusal: its one-paragraph error line."""
+    return refused(train.main, ["fit", *TINY, *DATA, f"--trainer.default_root_dir={root}", *extra], capsys)
+
+
+def test_fit_into_used_folder_refuses_and_changes_nothing(trained: Path, capsys) -> None:
     """A second fresh `fit` into a folder with checkpoints exits 2 with the fix, writing nothing there."""
     before = snapshot(trained)
-    code, output = finish(trained, "--trainer.max_steps=8")
-    assert code == 2 and "already holds checkpoints" in output and "--ckpt_path last" in output, output[-2000:]
-    assert "Traceback" not in output and snapshot(trained) == before
+    error = refit(trained, "--trainer.max_steps=8", capsys=capsys)
+    assert "already holds checkpoints" in error and "--ckpt_path last" in error, error
+    assert snapshot(trained) == before
 
 
 def test_last_is_the_highest_step_never_a_newer_older_file(trained: Path, tmp_path: Path) -> None:
@@ -72,9 +79,8 @@ def test_last_is_the_highest_step_never_a_newer_older_file(trained: Path, tmp_pa
     checkpoint, Lightning's choice on SLURM), not a step-0 file (a failed start's)."""
     root = tmp_path / "run"
     shutil.copytree(trained, root)
-    code, output = finish(tmp_path / "early", "--trainer.max_steps=2")
-    assert code == 0, output[-2000:]
-    shutil.copy(tmp_path / "early/checkpoints/last.ckpt", root / "hpc_ckpt_7.ckpt")  # step 2, newest file
+    early = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    atomic_save({**early, "global_step": 2}, root / "hpc_ckpt_7.ckpt")  # step 2, newest file
     atomic_save({"global_step": 0, "state_dict": {}}, root / "checkpoints" / "interrupted.ckpt")
     code, output = finish(root, "--trainer.max_steps=6", "--ckpt_path=last")
     assert code == 0, output[-3000:]
@@ -83,22 +89,21 @@ def test_last_is_the_highest_step_never_a_newer_older_file(trained: Path, tmp_pa
     assert not (root / "hpc_ckpt_7.ckpt").exists()  # superseded by the final last.ckpt: cleaned up
 
 
-def test_corrupt_checkpoint_is_a_one_paragraph_error(trained: Path, tmp_path: Path) -> None:
+def test_corrupt_checkpoint_is_a_one_paragraph_error(trained: Path, tmp_path: Path, capsys) -> None:
     """A torn last.ckpt (a kill on a filesystem without atomic rename) is named, with the fix; no traceback."""
     root = tmp_path / "run"
     shutil.copytree(trained, root)
     last = root / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:5000])
-    code, output = finish(root, "--trainer.max_steps=6", "--ckpt_path=last")
-    assert code == 2 and f"{last} is not a readable checkpoint" in output and "Traceback" not in output
-    assert "weights_only=False" not in output.split("capsdist: error:")[-1]
+    error = refit(root, "--trainer.max_steps=6", "--ckpt_path=last", capsys=capsys)
+    assert f"{last} is not a readable checkpoint" in error and "weights_only=False" not in error, error
 
 
-def test_checkpoint_of_another_experiment_is_refused_before_anything_is_written(trained: Path) -> None:
+def test_checkpoint_of_another_experiment_is_refused_before_anything_is_written(trained: Path, capsys) -> None:
     """Same shapes, other routing: resuming would continue another experiment; refused, nothing written."""
     before = snapshot(trained)
-    code, output = finish(trained, "--trainer.max_steps=6", "--ckpt_path=last", "--model.routing_iterations=1")
-    assert code == 2 and "routing_iterations': '3 vs 1'" in output, output[-2000:]
+    error = refit(trained, "--trainer.max_steps=6", "--ckpt_path=last", "--model.routing_iterations=1", capsys=capsys)
+    assert "routing_iterations': '3 vs 1'" in error, error
     assert snapshot(trained) == before and not (trained / "checkpoints" / "interrupted.ckpt").exists()
 
 

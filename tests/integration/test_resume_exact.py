@@ -1,7 +1,9 @@
 """Every resume is exact or refused (issue 19 item 3), with the defaults users get: loader workers on, W&B offline.
 
-Each case runs `python -m capsdist.train fit` as a subprocess and measures the largest weight difference against
-a straight run of the same length (it must be 0), or checks that the resume was refused and wrote nothing.
+Each run is `python -m capsdist.train fit` as a subprocess, measured by the largest weight difference against a
+straight run of the same length (it must be 0). A refused resume runs fit's main in this process (the refusal comes
+before any training; another world size, which only the launched ranks see, stays a subprocess) and must have
+written nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.training import cli as train
 from capsdist.training.resume import TRAINER_KEY, check_trainer
 from capsdist.training.run import RUN_ID_FILE
-from tests.conftest import TINY
+from tests.conftest import TINY, refused
 from tests.faults import fault_config
 from tests.scale_probe import train_env
 
@@ -103,7 +106,7 @@ def test_continuing_a_finished_fit_continues_its_epoch(straight: Path, half: Pat
       "--trainer.limit_train_batches 1.0 --trainer.precision 32-true"),
      (f"{RUN_ID_FILE}=../..", f"{RUN_ID_FILE} holds '../..\\n', which is not a W&B run id")],
 )  # fmt: skip
-def test_a_resume_that_would_differ_is_refused_and_writes_nothing(half: Path, change: str, fix: str) -> None:
+def test_a_resume_that_would_differ_is_refused_and_writes_nothing(half: Path, change: str, fix: str, capsys) -> None:
     """Data or trainer settings that change the training stream or the optimizer's steps, another world size, or a
     stored W&B run id W&B refuses (planted in the folder): exit 2 naming the fix, and the folder's files
     (checkpoints, csv, config.yaml, W&B runs, the lock file) are exactly as they were."""
@@ -112,14 +115,17 @@ def test_a_resume_that_would_differ_is_refused_and_writes_nothing(half: Path, ch
     if planted:
         stored.write_text(change.split("=", 1)[1] + "\n")
     before = listing(half)
-    extra = ["--trainer.strategy=ddp"] if "devices" in change else []
+    args = [f"--trainer.max_steps={STEPS}", "--ckpt_path=last", *([] if planted else change.split())]
     try:
-        code, output = fit(half, f"--trainer.max_steps={STEPS}", "--ckpt_path=last", *extra,
-                           *([] if planted else change.split()))  # fmt: skip
+        if "devices" in change:  # the ranks' own check: 2 processes launched by the real command
+            code, output = fit(half, *args, "--trainer.strategy=ddp")
+            assert code == 2 and fix in output and "Traceback" not in output, output[-3000:]
+        else:
+            error = refused(train.main, ["fit", *TINY, *USER, f"--trainer.default_root_dir={half}", *args], capsys)
+            assert fix in error, error
         after = listing(half)
     finally:
         stored.write_text(kept)
-    assert code == 2 and fix in output and "Traceback" not in output, output[-3000:]
     assert after == before
 
 
