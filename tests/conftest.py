@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from capsdist.cluster import signals
+
 REPO = Path(__file__).resolve().parents[1]
 # the suite's own callbacks (tests.faults, tests.scale_probe) in --config files, here and in every subprocess
 os.environ.setdefault("CAPSDIST_CONFIG_MODULES", "tests")
@@ -198,6 +200,14 @@ def _no_inherited_wandb_service() -> Iterator[None]:
     log through this process's service, which resolves their relative run folders against its own cwd."""
     yield
     os.environ.pop("WANDB_SERVICE", None)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_behind() -> Iterator[None]:
+    """Each test starts with no recorded stop: one that records a stop in this process (a real SIGTERM, the
+    time-limit check) would otherwise stop the next in-process fit of its xdist worker at once (exit 143)."""
+    yield
+    signals.restore()
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,7 @@ from capsdist.checkpoint.weights import CONFIG_KEY
 from capsdist.model import CapsNet
 from capsdist.tools import evaluate, figures, pretrained
 from capsdist.training import cli as train
-from tests.conftest import REPO, TINY, TINY_MODEL, TINY_NET, refused, subprocess_env
-from tests.integration.test_bad_input import _checkpoint
+from tests.conftest import REPO, TINY, TINY_MODEL, TINY_NET, refused, subprocess_env, tiny_checkpoint
 
 AS_CAP = 4 << 30  # bytes of address space per command: far above a good run (~1.5 GB), far below a bomb
 PEAK = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -194,7 +193,7 @@ def test_png_bomb_and_huge_member_are_skipped_in_bounded_memory(shards: Path, tm
     (tmp_path / "val").mkdir()
     _hostile_shard(shards / "test-000000.tar", tmp_path / "val" / "hostile.tar", 200 << 20)
     data = {"source": "multimnist_shards", "batch_size": 8}
-    ckpt = _checkpoint(tmp_path / "mm.ckpt", data, image_size=36, num_targets=2)
+    ckpt = tiny_checkpoint(tmp_path / "mm.ckpt", data, image_size=36, num_targets=2)
     done, peak = run("capsdist.evaluate", "--ckpt", str(ckpt), "--device", "cpu", "--data.num_workers=0",
                      f"--data.val_shards={tmp_path / 'val'}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -215,7 +214,7 @@ def test_forged_model_size_is_refused_before_any_allocation(how: str, tmp_path: 
     """conv_channels 2,000,000 in a 42 KB file (166 GB if built): refused from the file's own tensor shapes, at the
     memory of a plain start."""
     if how == "evaluate --ckpt":
-        ckpt = _checkpoint(tmp_path / "forged.ckpt", {"source": "mnist"})
+        ckpt = tiny_checkpoint(tmp_path / "forged.ckpt", {"source": "mnist"})
         state = torch.load(ckpt, weights_only=True)
         state["hyper_parameters"]["conv_channels"] = 2_000_000
         torch.save(state, ckpt)
@@ -310,7 +309,7 @@ def test_bad_setting_is_one_paragraph(flag: str, phrase: str, tmp_path: Path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_disk_full_save_is_one_paragraph_and_keeps_the_old_checkpoint(fitted: Path, tmp_path: Path) -> None:
+def test_disk_full_save_is_one_paragraph_and_keeps_the_oldtiny_checkpoint(fitted: Path, tmp_path: Path) -> None:
     """A file-size limit hit while saving step 2: exit 2 with the disk-full paragraph naming the file, last.ckpt of
     step 1 byte-identical, and the temp file a killed save had left is gone."""
     root = tmp_path / "run"
