@@ -9,8 +9,9 @@
 - multimnist_paper: the paper's MultiMNIST run (`configs/multimnist.yaml` + `configs/multimnist_onthefly.yaml`,
   bf16-mixed, overlays composed on the device) for the seconds given, validated on the start of the fixed test
   stream every K steps: one `multimnist_paper_val` row per validation (accuracy per image seen), then a
-  `multimnist_paper_estimate` row: the counted training FLOPs per image (`capsdist.bench --what flops` on the
-  run's own config.yaml), the FLOP/s achieved and the hours to the paper's 60M training overlays at the rate measured.
+  `multimnist_paper_estimate` row: the training FLOPs per image the training CLI counts (the ratio of the FLOP/s
+  and images/s it logs), the FLOP/s achieved and the hours to the paper's 60M training overlays at the rate
+  measured.
 """
 
 from __future__ import annotations

@@ -54,9 +54,10 @@ def mnist_hits(
     return torch.cat(hits)
 
 
-def mnist_scores(model: CapsNet, device: str) -> dict[str, Any]:
-    """A one-digit model's scores on all 10,000 MNIST test digits (plain CapsNet + the IDX reader)."""
-    hits = mnist_hits(model, device=device, label="pretrained export")
+def mnist_scores(model: CapsNet, device: str, limit: int | None = None, label: str = "scoring") -> dict[str, Any]:
+    """A one-digit model's scores on the first ``limit`` (default all 10,000) MNIST test digits (plain CapsNet + the
+    IDX reader); progress lines on stderr start with ``label``."""
+    hits = mnist_hits(model, limit, device=device, label=label)
     return {
         "test_digits": len(hits),
         "test_correct": int(hits.sum()),
@@ -88,7 +89,10 @@ def export(ckpt: str | Path, out: str | Path, extra: dict[str, Any], device: str
     started = time.perf_counter()
     source = trained.data.get("source")
     mnist_model = source in (None, MNIST)
-    scores = mnist_scores(model, device) if mnist_model else stream_scores("--ckpt", ckpt, model, device)
+    if mnist_model:
+        scores = mnist_scores(model, device, label="pretrained export")
+    else:
+        scores = stream_scores("--ckpt", ckpt, model, device)
     scores["score_s"] = round(time.perf_counter() - started, 2)
     meta = {"global_step": trained.global_step, "source_checkpoint": Path(ckpt).name, **extra, **scores}
     meta["num_targets"] = int(trained.hparams.get("num_targets", 1))
@@ -106,14 +110,8 @@ def check(weights: str, limit: int | None, device: str) -> dict[str, Any]:
         scores = stream_scores("--weights", weights, model, device, limit)
         recorded = {k: meta.get(k) for k in ("test_accuracy", "test_digit_accuracy", "global_step")}
         return {"weights": weights, **scores, "recorded": recorded}
-    hits = mnist_hits(model, limit, device=device, label="pretrained check")
-    return {
-        "weights": weights,
-        "test_digits": len(hits),
-        "test_correct": int(hits.sum()),
-        "test_accuracy": int(hits.sum()) / len(hits),
-        "recorded": {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")},
-    }
+    recorded = {k: meta.get(k) for k in ("test_accuracy", "first_1000_correct", "global_step")}
+    return {"weights": weights, **mnist_scores(model, device, limit, "pretrained check"), "recorded": recorded}
 
 
 def main(argv: list[str] | None = None) -> None:
