@@ -5,9 +5,9 @@ thread entering Python from C (gloo's, dropping a collective's tensor) may hold 
 lock: the child then waits for it forever (seen in CI: a worker stuck in ``PyOS_AfterFork_Child ->
 _PyThreadState_DeleteExcept``). Workers are forked again at every epoch, so a long run rolls that dice
 thousands of times. Python's ``forkserver`` context forks them from a single-threaded server instead, started
-by fork+exec; the server first imports torch, the data streams (``capsdist.data.worker_server``), the program's
-main module and the capsdist modules it has imported, so that a worker starts in milliseconds, as a forked one
-did, instead of importing Lightning again for the main module at every epoch (2 s). ``start_server`` starts it
+by fork+exec; the server first imports torch, the data streams (``capsdist.data.worker_server``) and what a
+worker runs again of the program (``main_imports``), so that a worker starts in milliseconds, as a forked one
+did, instead of importing torch (or a user script's Lightning) again at every epoch. ``start_server`` starts it
 early, so that those imports overlap the run's setup, and with the job's signals blocked: the server and
 multiprocessing's resource tracker (started with it) inherit the mask, so the SIGUSR1 and SIGTERM that slurmstepd
 sends every process of a step leave them running (SIGUSR1 would kill the tracker; a killed server would orphan
@@ -23,6 +23,8 @@ import signal
 import sys
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
+from pathlib import Path
+from types import ModuleType
 
 from capsdist.cluster.signals import JOB_SIGNALS
 
@@ -30,21 +32,33 @@ SERVER_MODULE = "capsdist.data.worker_server"
 
 
 def worker_context() -> BaseContext:
-    """The multiprocessing context DataLoader workers start from (forkserver, preloading as the docstring says)."""
+    """The multiprocessing context DataLoader workers start from (forkserver, preloading what a worker runs)."""
     main = sys.modules["__main__"]
     path = getattr(main, "__file__", None)
     if getattr(main, "__spec__", None) is None and path and not os.path.isfile(path):
         return multiprocessing.get_context("fork")  # a program read from stdin: a worker could not run it again
     context = multiprocessing.get_context("forkserver")
-    name = getattr(main.__spec__, "name", "") or ""  # `python -m NAME`: a worker runs NAME again
-    # multiprocessing never runs a package's __main__ again (its code is not guarded), so neither may the server;
-    # a capsdist entry point (`python -m capsdist.train`, a thin shim) is not preloaded by name either: its imports
-    # are among ours below, and a worker running a preloaded module again warns "found in sys.modules" (runpy)
-    named = [name] if name and not name.endswith("__main__") and name.split(".")[0] != "capsdist" else []
-    # a worker of a script (`capsdist-train`, a user's file) runs the script again: its capsdist imports are ready
-    ours = sorted(module for module in sys.modules if module.split(".")[0] == "capsdist")
-    context.set_forkserver_preload([SERVER_MODULE, *named, *ours])
+    context.set_forkserver_preload([SERVER_MODULE, *main_imports(main, path)])
     return context
+
+
+def main_imports(main: ModuleType, path: str | None) -> list[str]:
+    """What a worker runs before its first batch besides the data streams: multiprocessing runs the program's main
+    module again in each worker, so the server imports it once. capsdist's own programs (``python -m capsdist.train``,
+    the ``capsdist-*`` console scripts) are thin shims that import Lightning only when run as the main program, so
+    nothing more is preloaded for them: the server skips seconds of Lightning imports at every run's start."""
+    name = getattr(main.__spec__, "name", "") or "" if getattr(main, "__spec__", None) else ""
+    if name:  # `python -m NAME`; a package's __main__ is never run again by multiprocessing (its code is unguarded)
+        return [] if name.endswith("__main__") or name.split(".")[0] == "capsdist" else [name]
+    if not path or (Path(path).name.startswith("capsdist-") and main_from_capsdist(main)):
+        return []  # no program file (`python -c`, an interpreter embedding it) or a capsdist console script
+    # a user's script: a worker runs it again, so the capsdist modules it imported are made ready
+    return sorted(module for module in sys.modules if module.split(".")[0] == "capsdist")
+
+
+def main_from_capsdist(main: ModuleType) -> bool:
+    """Whether the program's ``main`` comes from capsdist (pip's console-script shim imports exactly that)."""
+    return str(getattr(getattr(main, "main", None), "__module__", "")).startswith("capsdist.")
 
 
 def start_server() -> BaseContext:

@@ -187,7 +187,7 @@ def test_a_mistyped_or_missing_subcommand_or_flag_is_a_short_usage_error(
 
 def test_training_cli_workers_print_no_runpy_warning(tmp_path: Path) -> None:
     """`python -m capsdist.train` with loader workers: no "'capsdist.train' found in sys.modules" RuntimeWarning from
-    each worker (the entry point is not preloaded by name; its imports are)."""
+    each worker (the entry point is not preloaded by name: capsdist.data.workers.main_imports)."""
     flags = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--data.num_workers", "2", "--trainer.max_steps",
              "2", "--data.val_samples", "64", "--data.train_samples", "256", "--wandb_mode", "disabled",
              f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip

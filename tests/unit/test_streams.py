@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import signal
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from capsdist import data
+from capsdist.data.workers import main_imports
 from tests.conftest import check_format, check_multimnist, child_pids, epoch_batches, same_batches, u8
 
 
@@ -199,3 +202,21 @@ def test_fixed_test_overlays_do_not_depend_on_batch_size_or_ranks(
     assert torch.equal(stream(64, rank=2, world=3).make_batch(5, 1)["image"], whole["image"][2::3][64:128])
     assert len(data.FixedMultiMnist(images, labels, 64, 1100, num_batches=2)) == 2  # val_batches caps a rank
     assert not torch.equal(data.FixedMultiMnist(images, labels, 64, 1100, seed=4).indices, draws.indices)
+
+
+def test_the_fork_server_preloads_what_a_worker_runs_again() -> None:
+    """capsdist's own programs preload nothing of Lightning (a worker runs only their thin shim again); a user's
+    module is preloaded by name and a user's script with the capsdist modules it imported."""
+    def program(name: str | None = None, **names: object) -> types.ModuleType:
+        module = types.ModuleType("__main__")
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None) if name else None
+        module.__dict__.update(names)
+        return module
+
+    assert main_imports(program("capsdist.train"), "/x/capsdist/train.py") == []
+    assert main_imports(program("mypkg.__main__"), "/x/mypkg/__main__.py") == []
+    assert main_imports(program("mylab.train"), "/x/mylab/train.py") == ["mylab.train"]
+    assert main_imports(program(main=data.ResumableLoader.__init__), "/venv/bin/capsdist-train") == []
+    assert main_imports(program(), None) == []  # python -c
+    script = main_imports(program(), "/home/me/train.py")
+    assert "capsdist.data.workers" in script and all(name.split(".")[0] == "capsdist" for name in script)
