@@ -47,7 +47,8 @@ def main_imports(main: ModuleType, path: str | None) -> list[str]:
     module again in each worker, so the server imports it once. capsdist's own programs (``python -m capsdist.train``,
     the ``capsdist-*`` console scripts) are thin shims that import Lightning only when run as the main program, so
     nothing more is preloaded for them: the server skips seconds of Lightning imports at every run's start."""
-    name = getattr(main.__spec__, "name", "") or "" if getattr(main, "__spec__", None) else ""
+    spec = getattr(main, "__spec__", None)
+    name = (spec.name or "") if spec is not None else ""
     if name:  # `python -m NAME`; a package's __main__ is never run again by multiprocessing (its code is unguarded)
         return [] if name.endswith("__main__") or name.split(".")[0] == "capsdist" else [name]
     if not path or (Path(path).name.startswith("capsdist-") and main_from_capsdist(main)):

@@ -114,13 +114,24 @@ def test_resume_mid_epoch_equals_tail(kind: str, test_split: tuple[torch.Tensor,
     assert same_batches(epoch_batches(stale, 3, {"epoch": 2, "batches": 5}), fresh)  # unversioned: unchecked
 
 
+def fork_servers(wait_s: float = 10.0) -> list[int]:
+    """This process's loader fork servers, once one shows its command line: right after the fork, before its exec,
+    a child still shows this process's (seen under load: no server found)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        servers = [c for c in child_pids(os.getpid()) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if servers or time.monotonic() > deadline:
+            return servers
+        time.sleep(0.05)
+
+
 def test_workers_start_from_a_server_ignoring_job_signals(test_split: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Workers are not forked from this (threaded) process but from one fork server (capsdist.data.workers); the
     SIGTERM and SIGUSR1 slurmstepd sends every process of a step leave the server and workers serving the epoch."""
     images, labels = test_split
     full = epoch_batches(data.ResumableLoader(data.MnistStream(images, labels, 50, train=True)), 0)
     loader = data.ResumableLoader(data.MnistStream(images, labels, 50, train=True), num_workers=2)
-    (server,) = [c for c in child_pids(os.getpid()) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    (server,) = fork_servers()
     earlier = set(child_pids(server))  # workers of earlier loaders in this process may not have ended yet
     batches = iter(loader)
     first = [next(batches)]
