@@ -7,11 +7,10 @@ installs its signal handlers below before those seconds of imports, and the mode
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Any
 
 from capsdist.core.errors import CapsdistError
+from capsdist.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 _EXPORTS = {  # name -> the module that defines it
@@ -31,12 +30,7 @@ _EXPORTS = {  # name -> the module that defines it
 }
 __all__ = ["CapsdistError", "__version__", *_EXPORTS]
 
-
-def __getattr__(name: str) -> Any:
-    """Import the module that defines the public ``name`` on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'capsdist' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

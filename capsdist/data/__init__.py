@@ -17,36 +17,29 @@ Names are exported lazily, so ``import capsdist.data.mnist`` pulls in neither Li
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from capsdist.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "Batch": "batch",
-    "DataError": "batch",
-    "to_batch": "batch",
-    "BatchStream": "streams",
-    "MnistStream": "streams",
-    "OnTheFlyMultiMnist": "streams",
-    "FixedMultiMnist": "streams",
-    "DeviceMultiMnist": "device",
-    "ResumableLoader": "loader",
-    "ShardStream": "shards",
-    "SkipCounter": "shards",
-    "expand_shards": "shard_urls",
-    "manifest_total": "shard_format",
-    "BaseData": "modules",
-    "MnistData": "modules",
-    "OnTheFlyData": "modules",
-    "ShardData": "modules",
-    "ImageShardData": "modules",
-    "ImageFormat": "image_format",
-    "CapsDataModule": "modules",
+    "Batch": ".batch",
+    "DataError": ".batch",
+    "to_batch": ".batch",
+    "BatchStream": ".streams",
+    "MnistStream": ".streams",
+    "OnTheFlyMultiMnist": ".streams",
+    "FixedMultiMnist": ".streams",
+    "DeviceMultiMnist": ".device",
+    "ResumableLoader": ".loader",
+    "ShardStream": ".shards",
+    "SkipCounter": ".shards",
+    "expand_shards": ".shard_urls",
+    "manifest_total": ".shard_format",
+    "BaseData": ".modules",
+    "MnistData": ".modules",
+    "OnTheFlyData": ".modules",
+    "ShardData": ".modules",
+    "ImageShardData": ".modules",
+    "ImageFormat": ".image_format",
+    "CapsDataModule": ".modules",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
