@@ -130,11 +130,13 @@ def verify(folder: Path, names: Sequence[str] = tuple(MD5)) -> None:
             )
 
 
-def _warn_if_unofficial(folder: Path, names: Sequence[str]) -> None:
-    """Warn once per file of a user-named folder whose md5 is not the official one."""
+def _warn_if_unofficial(folder: Path, names: Sequence[str]) -> bool:
+    """Warn once per file of a user-named folder whose md5 is not the official one; whether all are official."""
+    official = True
     for name in names:
         path = find(folder, name)
         if path is not None and md5sum(path) != OFFICIAL[path.name]:
+            official = False
             warnings.warn(
                 f"{path} is not the official MNIST file (its md5 differs): using it as given, since you named "
                 f"{folder} (fine for Fashion-MNIST, KMNIST or a re-compressed copy; only the shipped copy and "
@@ -142,6 +144,7 @@ def _warn_if_unofficial(folder: Path, names: Sequence[str]) -> None:
                 UnofficialMnistWarning,
                 stacklevel=3,
             )
+    return official
 
 
 def is_complete(folder: Path) -> bool:
@@ -149,18 +152,22 @@ def is_complete(folder: Path) -> bool:
     return all(find(folder, name) for name in MD5)
 
 
-def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path) -> np.ndarray:
-    """Parse one IDX file (gzipped if named .gz), checking magic, dimensions and payload length."""
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # bad gzip header, CRC error or cut-off stream
-        raise MnistError(f"MNIST file {path} is not a readable gzip file ({e}). Delete it. {_fix(folder)}") from e
+def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path, first: int | None = None) -> np.ndarray:
+    """Parse one IDX file (gzipped if named .gz), checking magic, dimensions and payload length. ``first``: read
+    only the first records (for a file whose md5 was checked: its length is then known to be right), so a run on a
+    few thousand digits does not decompress all 47 MB of the training images."""
     ndim = 3 if kind == "images" else 1
     header = 4 * (1 + ndim)
-    if len(raw) < header:
-        raise MnistError(f"MNIST file {path} is truncated: {len(raw)} bytes, no IDX header. {_fix(folder)}")
-    magic, *dims = (int(x) for x in np.frombuffer(raw, ">u4", 1 + ndim))
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read(header)
+            if len(raw) < header:
+                raise MnistError(f"MNIST file {path} is truncated: {len(raw)} bytes, no IDX header. {_fix(folder)}")
+            magic, *dims = (int(x) for x in np.frombuffer(raw, ">u4", 1 + ndim))
+            record = int(np.prod(dims[1:]))
+            payload = f.read() if first is None else f.read(min(first, dims[0]) * record)
+    except (OSError, EOFError) as e:  # bad gzip header, CRC error or cut-off stream
+        raise MnistError(f"MNIST file {path} is not a readable gzip file ({e}). Delete it. {_fix(folder)}") from e
     if magic != _MAGIC[kind]:
         raise MnistError(
             f"MNIST file {path} has magic {magic}, expected {_MAGIC[kind]} for an IDX {kind} file "
@@ -168,33 +175,40 @@ def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path) -> np
         )
     if kind == "images" and dims[1:] != [28, 28]:
         raise MnistError(f"MNIST file {path} holds {dims[1]}x{dims[2]} images, expected 28x28. {_fix(folder)}")
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
+    if first is not None:
+        dims[0] = min(first, dims[0])
+    expected = dims[0] * record
+    if len(payload) != expected:
         raise MnistError(
             f"MNIST file {path} is truncated or padded: header promises {expected} payload bytes, "
-            f"found {len(raw) - header}. Delete it. {_fix(folder)}"
+            f"found {len(payload)}. Delete it. {_fix(folder)}"
         )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()  # writable, owns its memory
+    return np.frombuffer(payload, np.uint8).reshape(dims).copy()  # writable, owns its memory
 
 
 def load(
-    folder: str | os.PathLike, split: Split, check_md5: bool | None = None
+    folder: str | os.PathLike, split: Split, check_md5: bool | None = None, first: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a split: (images uint8 [N,28,28], labels uint8 [N]). ``check_md5``: True holds the files to the
     official md5s, False skips the check, None (default) holds the shipped copy and the download cache to them
-    and reads any other folder's files with a warning if they are not the official ones."""
+    and reads any other folder's files with a warning if they are not the official ones. ``first``: only the first
+    N samples (an official file has only those decompressed)."""
     folder = Path(folder)
     names = file_names(split)
+    official = False
     if check_md5 or (check_md5 is None and folder.resolve() in (REPO_DIR.resolve(), CACHE_DIR.resolve())):
         verify(folder, names)
+        official = True
     elif check_md5 is None:
-        _warn_if_unofficial(folder, names)
-    images = _read_idx(_located(folder, names[0]), "images", folder)
-    labels = _read_idx(_located(folder, names[1]), "labels", folder)
+        official = _warn_if_unofficial(folder, names)
+    records = first if official else None  # any other file is read whole, so its length is checked
+    images = _read_idx(_located(folder, names[0]), "images", folder, records)
+    labels = _read_idx(_located(folder, names[1]), "labels", folder, records)
     if len(images) != len(labels):
         raise MnistError(
             f"MNIST {split} split in {folder}: {len(images)} images but {len(labels)} labels. {_fix(folder)}"
         )
+    images, labels = images[:first], labels[:first]
     if labels.size and labels.max() > 9:
         raise MnistError(f"MNIST file {folder / names[1]} has label {labels.max()} > 9. {_fix(folder)}")
     return images, labels

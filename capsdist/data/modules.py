@@ -179,8 +179,8 @@ class _MnistArrays(BaseData):
         folder = mnist.resolve_dir(self.mnist_dir)
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, cap in (("train", self._train_cap), ("test", None)):
-            images, labels = mnist.load(folder, split)
-            self._splits[split] = (torch.from_numpy(images[:cap]), torch.from_numpy(labels[:cap]).long())
+            images, labels = mnist.load(folder, split, first=cap)
+            self._splits[split] = (torch.from_numpy(images), torch.from_numpy(labels).long())
 
     def val_dataloader(self) -> ResumableLoader:
         """The test split's stream, val_samples long (val_batches caps it)."""

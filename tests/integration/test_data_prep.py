@@ -134,6 +134,20 @@ def test_corrupt_idx_named(tmp_path: Path, magic: int, dims: list[int], payload:
     assert images in str(info.value)
 
 
+def test_first_samples_of_an_official_split_read_alone(tmp_path: Path) -> None:
+    """``first=N`` gives the whole read's first N samples; a file not held to the official md5 is still read whole,
+    so its padding is found even when only its start is wanted."""
+    whole = mnist.load(SHIPPED, "test")
+    for n in (1, 500, 10_000, 20_000):
+        part = mnist.load(SHIPPED, "test", first=n)
+        assert all(np.array_equal(a, b[:n]) for a, b in zip(part, whole, strict=True))
+    images, labels = mnist.file_names("train")
+    _write_idx(tmp_path / images, 2051, [2, 28, 28], bytes(3 * 784))
+    _write_idx(tmp_path / labels, 2049, [2], bytes(2))
+    with pytest.raises(mnist.MnistError, match=r"truncated or padded: header promises 1568 .* found 2352"):
+        mnist.load(tmp_path, "train", check_md5=False, first=1)
+
+
 def test_cut_gzip_named(tmp_path: Path) -> None:
     """A gzip stream cut mid-file is reported as unreadable, naming the file."""
     images, labels = mnist.file_names("train")
