@@ -156,8 +156,8 @@ class CapsuleDiagnostics(Callback):
         scalars |= {key: metric.compute() for key, metric in lengths.items()}
         pl_module.log_dict(scalars)  # already reduced across ranks by torchmetrics
         pl_module.log_dict(self.stats.as_metrics("val"), sync_dist=True)  # per-rank means: averaged over ranks
-        matrix = self.confusion.compute().cpu()
-        if trainer.is_global_zero:
+        matrix = self.confusion.compute().cpu()  # a collective: every rank computes it
+        if trainer.is_global_zero and find_wandb(trainer) is not None:  # no W&B logger: wandb is never imported
             log_wandb(trainer, wandb_panels(matrix, self.samples))
 
     # ------------------------------------------------------------------ end of fit
@@ -244,10 +244,7 @@ def log_wandb(trainer: pl.Trainer, items: dict[str, Any]) -> None:
 
 def wandb_panels(matrix: torch.Tensor, samples: dict[str, list]) -> dict[str, Any]:
     """The W&B objects of one validation: capsule-length histogram, confusion matrix, misclassified table."""
-    try:
-        import wandb  # heavy and optional: only where a W&B logger is in use
-    except ImportError:  # CSV-only runs on machines without wandb
-        return {}
+    import wandb  # heavy and optional: only where a W&B logger is in use
     n = matrix.shape[0]
     cells = [[str(a), str(p), int(matrix[a, p])] for a in range(n) for p in range(n)]
     table = wandb.Table(columns=["actual", "predicted", "count"], data=cells)
