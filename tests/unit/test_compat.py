@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from argparse import ArgumentError
 from importlib.metadata import version
 from typing import Literal
@@ -77,6 +78,40 @@ def test_wandb_launcher_takes_the_core_path_from_wandb_util() -> None:
         f"wandb {version('wandb')}: {wandb_seam.LAUNCHER}.get_core_path is not wandb.util's "
         f"(capsdist/compat/wandb.py was written for wandb {wandb_seam.WRITTEN_FOR})"
     )
+
+
+def test_wandb_launch_step_and_its_staged_inputs_are_where_the_seam_looks() -> None:
+    """The seam skips ``Run._detect_and_apply_job_inputs`` while LAUNCH_INPUTS is not imported: the method must
+    still exist and still take its inputs from that module's StagedLaunchInputs, or the skip would drop inputs a
+    W&B Launch job staged (or patch nothing)."""
+    from wandb.sdk.wandb_run import Run
+
+    _has(Run, wandb_seam.LAUNCH_STEP, wandb_seam.WRITTEN_FOR, "wandb")
+    step = getattr(Run, wandb_seam.LAUNCH_STEP)
+    source = inspect.getsource(getattr(step, "__wrapped__", step))  # wandb's own, also once the seam has wrapped it
+    assert f"from {wandb_seam.LAUNCH_INPUTS} import StagedLaunchInputs" in source, source
+    staged = importlib.import_module(wandb_seam.LAUNCH_INPUTS).StagedLaunchInputs
+    assert callable(getattr(staged, "apply", None)) and callable(getattr(staged, "add_staged_input", None))
+
+
+def test_wandb_launch_step_runs_only_where_an_input_can_be_staged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After skip_unstaged_launch_inputs, the step imports nothing while LAUNCH_INPUTS was never imported, and runs
+    W&B's own (applying the staged inputs) once it has been."""
+    from wandb.sdk.wandb_run import Run
+
+    wandb_seam.skip_unstaged_launch_inputs()
+    wandb_seam.skip_unstaged_launch_inputs()  # idempotent: wrapped once
+    step = getattr(Run, wandb_seam.LAUNCH_STEP)
+    assert not hasattr(step.__wrapped__, "__wrapped__")
+    monkeypatch.delitem(sys.modules, wandb_seam.LAUNCH_INPUTS, raising=False)
+    step(object())
+    assert wandb_seam.LAUNCH_INPUTS not in sys.modules
+    staged = importlib.import_module(wandb_seam.LAUNCH_INPUTS).StagedLaunchInputs
+    applied = []
+    monkeypatch.setattr(staged, "apply", lambda self, run: applied.append(run))
+    run = object()
+    step(run)
+    assert applied == [run]
 
 
 def test_dcp_private_names_exist() -> None:
