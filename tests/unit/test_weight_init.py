@@ -58,7 +58,7 @@ def test_scaled_init_trains_a_deep_stack_the_paper_init_leaves_frozen(digits):
         model = deep_net(weight_init)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         history = []
-        for _ in range(30):
+        for _ in range(10):  # scaled: 0.68 -> 0.01 in 10 steps (30 reach ~0); paper: 0.81 throughout
             loss = margin_loss(model(images).lengths, labels)
             history.append(loss.item())
             opt.zero_grad()
