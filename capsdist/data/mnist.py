@@ -165,7 +165,9 @@ def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path, first
                 raise MnistError(f"MNIST file {path} is truncated: {len(raw)} bytes, no IDX header. {_fix(folder)}")
             magic, *dims = (int(x) for x in np.frombuffer(raw, ">u4", 1 + ndim))
             record = int(np.prod(dims[1:]))
-            payload = f.read() if first is None else f.read(min(first, dims[0]) * record)
+            if first is not None and first >= dims[0]:  # the whole file: read it as any other
+                first = None
+            payload = f.read() if first is None else f.read(first * record)
     except (OSError, EOFError) as e:  # bad gzip header, CRC error or cut-off stream
         raise MnistError(f"MNIST file {path} is not a readable gzip file ({e}). Delete it. {_fix(folder)}") from e
     if magic != _MAGIC[kind]:
@@ -176,7 +178,7 @@ def _read_idx(path: Path, kind: Literal["images", "labels"], folder: Path, first
     if kind == "images" and dims[1:] != [28, 28]:
         raise MnistError(f"MNIST file {path} holds {dims[1]}x{dims[2]} images, expected 28x28. {_fix(folder)}")
     if first is not None:
-        dims[0] = min(first, dims[0])
+        dims[0] = first
     expected = dims[0] * record
     if len(payload) != expected:
         raise MnistError(
