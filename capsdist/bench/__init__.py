@@ -6,7 +6,7 @@ measure one size) imports only the model, not the CLI's Lightning-backed data mo
 
 from capsdist.core.lazy import lazy_exports
 
-WHERE = {
+_EXPORTS = {
     "WHATS": ".cli",
     "all_rows": ".cli",
     "main": ".cli",
@@ -16,5 +16,5 @@ WHERE = {
     "measure": ".models",
     "saved_activation_bytes": ".models",
 }
-__all__ = sorted(WHERE)
-__getattr__ = lazy_exports(__name__, WHERE)
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
