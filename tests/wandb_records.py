@@ -45,11 +45,13 @@ def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(path: Path) -> dict[str, Any]:
+def read_run(path: Path, finished: bool = False) -> dict[str, Any]:
     """The parts tests look at: run (id, name, project, entity, group), config (nested dicts), history (one dict of
-    logged keys per row), summary (last update's values) and metric (name -> MetricRecord: define_metric)."""
+    logged keys per row), summary (last update's values) and metric (name -> MetricRecord: define_metric).
+    ``finished``: wait for the run's exit record first (a run finished in this process: its service may still be
+    writing the file; the file can even hold only its header yet)."""
     run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metric": {}}
-    for record in records(path):
+    for record in finished_records(Path(path).parent) if finished else records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run

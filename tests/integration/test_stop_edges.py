@@ -48,7 +48,7 @@ def csv_steps(root: Path, key: str) -> list[int]:
 
 def wandb_steps(root: Path, key: str) -> list[int]:
     """The steps at which ``key`` was logged, over every W&B file of the run (one run id)."""
-    runs = [read_run(f) for f in wandb_files(root)]
+    runs = [read_run(f, finished=True) for f in wandb_files(root)]  # fits in this process: its service writes on
     assert len({run["run"]["id"] for run in runs}) == 1
     return [int(row["trainer/global_step"]) for run in runs for row in run["history"] if key in row]
 
