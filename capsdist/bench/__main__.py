@@ -1,5 +1,8 @@
-"""`python -m capsdist.bench`: see capsdist.bench.cli."""
+"""`python -m capsdist.bench` (`capsdist-bench`): the entry point; the program is capsdist.bench.cli."""
 
-from capsdist.bench.cli import main
+from capsdist.core.startup import program
 
-main()
+main = program("capsdist.bench.cli")  # imported at the call: see capsdist.core.startup
+
+if __name__ == "__main__":
+    main()
