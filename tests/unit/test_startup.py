@@ -27,7 +27,6 @@ def fake_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "fake_capsdist_program"
     sys.modules.pop("fake_capsdist_program", None)
-    gc.unfreeze()  # this test process's objects back into the collections
 
 
 def test_a_program_imports_with_the_collector_paused_then_runs_with_it(fake_program: str) -> None:
