@@ -177,7 +177,7 @@ LONGEST_FIRST = ["test_preemption.py", "test_device_check.py", "test_resume.py",
 def pytest_collection(session: pytest.Session) -> Iterator[object]:
     """Collection (torch, Lightning and W&B, imported by the test modules) runs with the garbage collector paused
     and freezes what it imported, as capsdist's programs start (capsdist.core.startup): every test's collections
-    then skip those ~400,000 objects. The unit tier's CPU went 125 -> 75 s (2-core Xeon)."""
+    then skip those ~400,000 objects. The unit tier's CPU went 105-125 -> 75-98 s (2-core Xeon, 2-3 runs each)."""
     with startup.collector_paused():
         return (yield)
 
