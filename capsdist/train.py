@@ -3,13 +3,16 @@
 The job's signals are taken first, before the seconds of imports: a stop that lands before the fit begins (or
 during validate/test/predict) ends the process at once, saying so, with the stop's exit code
 (capsdist.cluster.signals, capsdist.cluster.requeue). The imports then run with the garbage collector paused
-(capsdist.core.startup): about a fifth of a small run's CPU.
+(capsdist.core.startup): about a fifth of a small run's CPU. Before Lightning's, while the process has one thread,
+torch and the data streams are imported and the loader workers' fork server is forked from the process
+(capsdist.data.workers.fork_server), so that no second interpreter imports them again.
 """
 
 import sys
 
 from capsdist.cluster import requeue, signals
 from capsdist.core import startup
+from capsdist.data import workers
 
 
 def main(args: list[str] | None = None) -> None:
@@ -17,6 +20,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         signals.install(at_once=True)
         with startup.collector_paused():
+            workers.fork_server()
             from capsdist.training.cli import main as cli_main  # the seconds of imports, after the handlers
 
         cli_main(args)

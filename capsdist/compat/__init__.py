@@ -1,1 +1,2 @@
-"""The one seam per dependency's private API (Lightning, W&B, DCP, jsonargparse): nothing else touches them."""
+"""The one seam per dependency's private API (Lightning, W&B, DCP, jsonargparse, torch's DataLoader, multiprocessing's
+fork server): nothing else touches them."""

@@ -6,13 +6,10 @@ the server gone, the workers' watchdog (their parent's PID) ends them within 5 s
 start ready.
 """
 
-import ctypes
-import signal
-
 import torch  # noqa: F401  (imported here once, so that no worker imports it)
 
 import capsdist.data.shards  # noqa: F401
 import capsdist.data.streams  # noqa: F401
+from capsdist.data.workers import die_with_parent
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+die_with_parent()

@@ -13,7 +13,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.conftest import child_pids, subprocess_env
+import pytest
+
+from tests.conftest import TINY, child_pids, subprocess_env
+from tests.scale_probe import probe_config, train_env, wait_paused
 from tests.wandb_records import finished_records, read_run, wandb_files
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -31,6 +34,9 @@ class Numbers(IterableDataset):
 """  # a ResumableLoader's dataset, in a module its workers can import: the workers share 6 batches
 LOADER = "import json\nfrom numbers_dataset import Numbers\nfrom capsdist.data.loader import ResumableLoader\n"
 STARTED = LOADER + "batches = iter(ResumableLoader(Numbers(), num_workers=2))\nnext(batches)\n"  # workers running
+# how `python -m capsdist.train` starts: its loader server forked from the program (capsdist.data.workers.fork_server)
+FORKED = "from capsdist.data.workers import fork_server\nassert fork_server()\n"
+SERVERS = {"standard": "", "forked": FORKED}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -97,18 +103,22 @@ def _state(pid: int) -> str:
 
 
 def _loader_workers(main: int) -> list[int]:
-    """The workers of the loader of process ``main``: its fork server's children (capsdist.data.workers)."""
-    servers = [p for p in child_pids(main) if b"multiprocessing.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    (server,) = servers
+    """The workers of the loader of process ``main``: its fork server's children (capsdist.data.workers); the
+    server is multiprocessing's own interpreter, or a fork of ``main`` showing its command line (FORKED)."""
+    line = Path(f"/proc/{main}/cmdline").read_bytes()
+    lines = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in child_pids(main)}
+    (server,) = [p for p, cmd in lines.items() if b"multiprocessing.forkserver" in cmd or cmd == line]
     return child_pids(server)
 
 
-def test_loader_workers_ignore_the_job_signals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_loader_workers_ignore_the_job_signals(tmp_path: Path, server: str) -> None:
     """A ResumableLoader with 2 workers: the job's signals sent to every process below the main one (the workers'
     fork server, its workers, multiprocessing's resource tracker) neither kill them nor reach the main process as
     "DataLoader worker ... exited unexpectedly"; the epoch completes with every batch."""
     proc, helpers = _run(
-        LOADER
+        SERVERS[server]
+        + LOADER
         + """
 seen = []
 for i, x in enumerate(ResumableLoader(Numbers(), num_workers=2)):
@@ -129,11 +139,12 @@ print(json.dumps(sorted(seen)), flush=True)
     assert not _alive(helpers)
 
 
-def test_killed_main_process_leaves_no_loader_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_killed_main_process_leaves_no_loader_process(tmp_path: Path, server: str) -> None:
     """SIGKILL to the main process (the OOM killer, a second scancel): its loader's fork server and workers, which
     ignore the job's signals, still end within seconds instead of waiting for each other forever."""
     proc, helpers = _run(
-        STARTED + 'print("ready", flush=True)\ninput()\n',
+        SERVERS[server] + STARTED + 'print("ready", flush=True)\ninput()\n',
         tmp_path,
     )
     assert len(_loader_workers(proc.pid)) == 2
@@ -171,3 +182,30 @@ def test_a_worker_ends_with_its_training_process_even_if_its_exit_would_hang(tmp
     started = time.monotonic()
     assert worker.wait(timeout=10) == 0
     assert time.monotonic() - started < 3
+
+
+def test_the_training_program_forks_its_loader_server_whose_workers_ignore_the_job_signals(tmp_path: Path) -> None:
+    """`python -m capsdist.train fit` with 2 loader workers (MultiMNIST composed on the fly) forks its loader
+    server from itself as it starts, so no second interpreter imports torch for it; the job's signals sent to
+    that server and its workers leave the run going, and it finishes every step."""
+    out = tmp_path / "probe"
+    args = [
+        *TINY, "--data.num_workers=2", "--data.source=multimnist_onthefly", "--data.train_samples=256",
+        "--data.val_samples=32", "--wandb_mode=disabled", "--trainer.max_steps=6",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--config", str(probe_config(tmp_path / "probe.yaml", out, pause_at_step=2)),
+    ]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "capsdist.train", "fit", *args], env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    wait_paused(out, 1, lambda: proc.poll() is None)
+    workers = _loader_workers(proc.pid)
+    lines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in _descendants(proc.pid)]
+    assert len(workers) >= 2 and not any(b"multiprocessing.forkserver" in line for line in lines), lines
+    server = int(Path(f"/proc/{workers[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
+    assert Path(f"/proc/{server}/cmdline").read_bytes() == Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    for pid in [server, *workers]:
+        for sig in JOB_SIGNALS:
+            os.kill(pid, sig)
+    (out / "resume").touch()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and '"global_step": 6' in output, output[-3000:]

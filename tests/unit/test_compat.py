@@ -23,6 +23,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from capsdist.compat import dataloader as dataloader_seam
 from capsdist.compat import dcp, lightning
+from capsdist.compat import forkserver as forkserver_seam
 from capsdist.compat import jsonargparse as jsonargparse_seam
 from capsdist.compat import wandb as wandb_seam
 
@@ -169,3 +170,22 @@ def test_jsonargparse_errors_still_name_what_the_short_usage_errors_read() -> No
     assert jsonargparse_seam.suggestion(message, parser) == "did you mean fit?"
     message = "Subcommand 'fit' does not accept option 'data.batchsize'"
     assert jsonargparse_seam.suggestion(message, parser) == "did you mean data.batch_size?"
+
+
+def test_forkserver_private_names_exist() -> None:
+    """capsdist.compat.forkserver registers the server it forks where ``ensure_running`` looks for one; on a Python
+    without these names (or with 3.14's authenticated protocol) ``usable`` is False and runs use the standard server."""
+    from multiprocessing import forkserver
+
+    python = sys.version.split()[0]
+    for name in forkserver_seam.SERVER_ATTRIBUTES:
+        assert hasattr(forkserver._forkserver, name), (
+            f"Python {python}: multiprocessing.forkserver.ForkServer has no {name} (capsdist/compat/forkserver.py was "
+            f"written for {forkserver_seam.WRITTEN_FOR}): adapt the seam"
+        )
+    assert list(inspect.signature(forkserver.main).parameters) == forkserver_seam.MAIN_PARAMETERS, (
+        f"Python {python}: multiprocessing.forkserver.main takes "
+        f"{list(inspect.signature(forkserver.main).parameters)} (capsdist/compat/forkserver.py was written for "
+        f"{forkserver_seam.WRITTEN_FOR}: {forkserver_seam.MAIN_PARAMETERS})"
+    )
+    assert forkserver_seam.usable() == (sys.version_info < (3, 14))
