@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from multiprocessing import connection, forkserver, resource_tracker
+from multiprocessing import connection, forkserver
 
 WRITTEN_FOR = "3.11"
 SERVER_ATTRIBUTES = ("_lock", "_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
@@ -38,8 +38,7 @@ def start_forked(in_child: Callable[[], None]) -> int:
     ``ensure_running`` reuses it). The child keeps standard streams and the server's two descriptors, closes every
     other, runs ``in_child`` and serves forks until every client is gone; it never returns. The server's pid."""
     server = forkserver._forkserver
-    with server._lock:
-        resource_tracker.ensure_running()  # started first, as ensure_running does: workers inherit its address
+    with server._lock:  # no resource tracker yet: a worker's request to the server starts it (capsdist's at setup)
         with socket.socket(socket.AF_UNIX) as listener:
             address = connection.arbitrary_address("AF_UNIX")
             listener.bind(address)

@@ -103,7 +103,7 @@ def fork_server() -> bool:
         return False
     importlib.import_module("torch")  # the program's own first import: shared with the server, not repeated
     parent = os.getpid()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)  # the tracker and the server inherit the mask
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)  # the server inherits the mask
     try:
         forkserver_seam.start_forked(lambda: become_server(parent))
     finally:
@@ -112,9 +112,9 @@ def fork_server() -> bool:
 
 
 def become_server(parent: int) -> None:
-    """In the forked server: the state a fresh server would start in (the job's signals blocked, at their default
-    handlers, no wakeup descriptor, the collector on), tied to the program's life, with what a worker imports."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)  # the tracker's start unblocked SIGINT and SIGTERM
+    """In the forked server: the state a fresh server would start in (the job's signals, blocked by the program
+    around the fork, at their default handlers; no wakeup descriptor; the collector on), tied to the program's
+    life, with what a worker imports."""
     signal.set_wakeup_fd(-1)
     for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
