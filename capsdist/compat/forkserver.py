@@ -33,10 +33,10 @@ def usable() -> bool:
     )
 
 
-def start_forked(in_child: Callable[[], None]) -> int:
+def start_forked(in_child: Callable[[], None]) -> None:
     """Fork this process into multiprocessing's fork server and register it as this process's server (a later
     ``ensure_running`` reuses it). The child keeps standard streams and the server's two descriptors, closes every
-    other, runs ``in_child`` and serves forks until every client is gone; it never returns. The server's pid."""
+    other, runs ``in_child`` and serves forks until every client is gone; it never returns."""
     server = forkserver._forkserver
     with server._lock:  # no resource tracker yet: a worker's request to the server starts it (capsdist's at setup)
         with socket.socket(socket.AF_UNIX) as listener:
@@ -54,7 +54,6 @@ def start_forked(in_child: Callable[[], None]) -> int:
         server._forkserver_address = address
         server._forkserver_alive_fd = alive_w
         server._forkserver_pid = pid
-    return pid
 
 
 def _serve(listener_fd: int, alive_r: int, in_child: Callable[[], None]) -> None:
