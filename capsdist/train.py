@@ -4,8 +4,8 @@ The job's signals are taken first, before the seconds of imports: a stop that la
 during validate/test/predict) ends the process at once, saying so, with the stop's exit code
 (capsdist.cluster.signals, capsdist.cluster.requeue). The imports then run with the garbage collector paused
 (capsdist.core.startup): about a fifth of a small run's CPU. Before Lightning's, while the process has one thread,
-torch and the data streams are imported and the loader workers' fork server is forked from the process
-(capsdist.data.workers.fork_server), so that no second interpreter imports them again.
+torch is imported and the loader workers' fork server is forked from the process
+(capsdist.data.workers.fork_server), so that no second interpreter imports torch again.
 """
 
 import sys

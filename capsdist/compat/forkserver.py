@@ -1,6 +1,6 @@
 """Every use of multiprocessing's private fork-server API, in one place: the loader workers' fork server started as
-a fork of the program itself (``start_forked``), so that it holds the program's imports (torch, the data streams)
-without a fresh interpreter importing them again, ~1.5 CPU-s per run (capsdist.data.workers.fork_server).
+a fork of the program itself (``start_forked``), so that it holds torch as the program imported it, without a fresh
+interpreter importing it again, ~1.5 CPU-s per run (capsdist.data.workers.fork_server).
 
 Written for CPython 3.10-3.13: ``forkserver._forkserver`` (the process's ForkServer) with its ``_lock``,
 ``_forkserver_address``, ``_forkserver_alive_fd`` and ``_forkserver_pid`` (what ``ensure_running`` records after it

@@ -15,9 +15,9 @@ its workers). The main process alone decides how the run stops. A program read f
 again by a worker (multiprocessing re-runs the main script in its children): its workers are forked as before.
 
 capsdist's own training program goes one step further (``fork_server``): at its start, while it still has one
-Python thread and before Lightning is imported, it forks itself into that server, which then holds the torch and
-data modules the program imported, instead of a fresh interpreter importing them again (~1.5 CPU-s per run and
-rank).
+Python thread and before Lightning is imported, it forks itself into that server, which then holds torch as the
+program imported it (and imports the data modules itself), instead of a fresh interpreter importing them all
+again (~1.5 CPU-s per run and rank).
 """
 
 from __future__ import annotations

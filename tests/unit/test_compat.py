@@ -9,6 +9,7 @@ import inspect
 import sys
 from argparse import ArgumentError
 from importlib.metadata import version
+from multiprocessing import forkserver
 from typing import Literal
 
 import pytest
@@ -175,8 +176,6 @@ def test_jsonargparse_errors_still_name_what_the_short_usage_errors_read() -> No
 def test_forkserver_private_names_exist() -> None:
     """capsdist.compat.forkserver registers the server it forks where ``ensure_running`` looks for one; on a Python
     without these names (or with 3.14's authenticated protocol) ``usable`` is False and runs use the standard server."""
-    from multiprocessing import forkserver
-
     python = sys.version.split()[0]
     for name in forkserver_seam.SERVER_ATTRIBUTES:
         assert hasattr(forkserver._forkserver, name), (
